@@ -63,3 +63,16 @@ def test_a_tensor_name_both_new_and_left_out_says_which_is_the_sources():
     assert report.summary() == ("loaded 3 tensors from pretrain checkpoint (lomar) run/last.pt; newly initialised: "
                                 "head.weight, head.bias; not used: the source's head.weight, the source's head.bias, "
                                 "mask_token")
+
+
+def test_an_output_on_the_last_json_a_sharded_run_folder_is_read_by_is_refused(tmp_path, capsys):
+    """A stopped --fsdp run folder is read through its last.json: --json there would replace the pointer to the
+    checkpoint scored (and the run's resume point)."""
+    run, data = tmp_path / "fsdp", tmp_path / "no-data"
+    (run / "checkpoint-000010.dcp").mkdir(parents=True)
+    data.mkdir()
+    (run / "last.json").write_text('{"checkpoint": "checkpoint-000010.dcp", "step": 10}\n')
+    assert main(["knn", str(run), "--data", str(data), "--device", "cpu", "--json", str(run / "last.json")]) == 2
+    assert capsys.readouterr().err == (f"lomar knn: error: --json {run / 'last.json'} is a file of the checkpoint "
+                                       f"{run} being scored: writing it would replace that checkpoint; give another "
+                                       f"file\n")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
+from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, LAST_POINTER, RUN_ENCODER
 from lomar.cli.common import check_checkpoint, check_output_file, resolve_device, write_json
 from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
@@ -125,9 +125,9 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
     return Frozen(tuple(features), skipped, loaders[0].dataset.classes, encoder if with_encoder else None)
 
 
-# What a run or export folder's readers load (a run folder without an export: its best.pt, else last.pt): an output
-# on one of them would replace the checkpoint it scores.
-_READ_IN_FOLDER = (BEST, LAST, CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER)
+# What a run or export folder's readers load (a run folder without an export: its best.pt, else last.pt, else the
+# checkpoint-N.dcp its last.json names): an output on one of them would replace the checkpoint it scores.
+_READ_IN_FOLDER = (BEST, LAST, LAST_POINTER, CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER)
 
 
 def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
