@@ -3,12 +3,16 @@ folder holds the figures an uninterrupted run's does; a rewind to an earlier che
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 
 from helpers import pretrain
 from lomar.methods import get_method
 from lomar.train.pretrain import PretrainTask
 from lomar.viz.curves import loss_curve
+from lomar.viz.reconstruction import snapshot_path
 
 
 def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
@@ -86,3 +90,20 @@ def test_a_rewind_shows_the_figures_of_the_checkpoint_it_resumes_from(tmp_path, 
 
 class _Stopped(Exception):
     """What stops the rewound run in its first step."""
+
+
+@pytest.mark.parametrize("figures", [(4,), ()], ids=["one-at-a-stop-before", "none-before"])
+def test_a_sharded_rewind_to_a_step_without_a_figure_shows_none_of_a_dropped_step(tmp_path, figures):
+    """A sharded run draws figures only when it stops or ends; rewound to step 6 from its end at 8, whose numbered
+    figure the rewind removed, reconstruction.png is the figure of its stop at 4, or none where it never stopped."""
+    for step in figures:
+        snapshot_path(tmp_path, step).write_bytes(f"figure of step {step}".encode())
+    (tmp_path / "reconstruction.png").write_bytes(b"figure of the dropped step 8")
+    drawn = []
+    task = SimpleNamespace(config=SimpleNamespace(out=str(tmp_path)), progress=SimpleNamespace(step=6), sharded=True,
+                           figure=lambda: None, draw_curves=lambda config, out: drawn.append(out),
+                           _drawing=lambda what: contextlib.nullcontext())
+    PretrainTask._settle_figures(task)
+    latest = tmp_path / "reconstruction.png"
+    assert (latest.read_bytes() == b"figure of step 4") if figures else not latest.exists()
+    assert drawn == [tmp_path]  # loss.png, from the log cut back to step 6

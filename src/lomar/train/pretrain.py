@@ -250,9 +250,11 @@ class PretrainTask(Task):
     def _settle_figures(self) -> None:
         """The figures of the step the run is at: its reconstruction-STEP.png where a kill between its checkpoint and
         that figure left none; reconstruction.png and loss.png where they show another step, left by a kill between
-        the numbered figure and its copy or by a rewind to an earlier checkpoint (whose numbered figure stays)."""
+        the numbered figure and its copy or by a rewind to an earlier checkpoint (whose numbered figure stays).
+        Sharded, a step without a figure keeps none (drawing one needs the whole model): reconstruction.png is then
+        the latest earlier figure, as the run would show had it gone straight to this step."""
         out = Path(self.config.out)
-        if not snapshot_path(out, self.progress.step).exists():
+        if not self.sharded and not snapshot_path(out, self.progress.step).exists():
             self.figure()
             return
         with self._drawing(f"reconstruction.png and {LOSS_CURVE}"):

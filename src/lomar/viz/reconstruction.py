@@ -128,15 +128,24 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
 
 
 def settle_latest(out: str | Path, step: int) -> bool:
-    """Make ``OUT/reconstruction.png`` (the latest) the figure of ``step`` where it holds another: a kill between
-    :func:`reconstruction_snapshot`'s two writes left the step before's, a rewind to an earlier checkpoint a dropped
-    step's. Whether it was written (False too where ``step`` has no numbered figure). A compare of two files: no
-    drawing."""
+    """Make ``OUT/reconstruction.png`` (the latest) the newest numbered figure at or before ``step`` where it holds
+    another: a kill between :func:`reconstruction_snapshot`'s two writes left the step before's, a rewind to an earlier
+    checkpoint a dropped step's; where there is none (a sharded run draws figures only when it stops or ends), no
+    latest. Whether it was written or removed. A compare of two files, and a listing of the folder only where ``step``
+    has no numbered figure: no drawing."""
     numbered, latest = snapshot_path(out, step), Path(out) / "reconstruction.png"
     try:
         drawn = numbered.read_bytes()
     except FileNotFoundError:
-        return False
+        earlier = [(n, path) for path in Path(out).glob("reconstruction-*.png")
+                   if (n := _snapshot_step(path.name)) is not None and n < step]
+        if not earlier:
+            try:
+                latest.unlink()
+            except FileNotFoundError:
+                return False
+            return True
+        drawn = max(earlier)[1].read_bytes()
     try:
         if latest.read_bytes() == drawn:
             return False
@@ -144,6 +153,12 @@ def settle_latest(out: str | Path, step: int) -> bool:
         pass
     atomic_write_bytes(latest, drawn)
     return True
+
+
+def _snapshot_step(name: str) -> int | None:
+    """The step of a :func:`snapshot_path` name (``reconstruction-000402.png``); None for another name."""
+    digits = name.removeprefix("reconstruction-").removesuffix(".png")
+    return int(digits) if digits != name and digits.isdigit() and name == snapshot_path("", int(digits)).name else None
 
 
 def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
