@@ -58,4 +58,4 @@ def test_many_untrained_categories_are_counted_and_an_unknown_split_says_nothing
     said = detect.untrained_categories(split("val.json", ids), split("train.json", [8]))
     assert said.startswith(f"7 categories with boxes in {tmp_path / 'val.json'} but none in ")
     assert ": 1 'c1', 2 'c2', 3 'c3', 4 'c4', 5 'c5' and 2 more; add" in said
-    assert detect.untrained_categories(split("val.json", ids), split("train.json", None)) is None  # an old packed file
+    assert detect.untrained_categories(split("val.json", ids), split("train.json", None)) is None  # not known

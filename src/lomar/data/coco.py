@@ -73,7 +73,8 @@ class CocoSummary:
     shared: int = 0  # images naming a file an earlier image names (c/y.jpg, ./c/y.jpg, a link to it)
     shared_first: str = ""  # the first such pair, for the line
     # the category ids with a box kept (non-crowd, of some area): those a training split trains, a val split scores;
-    # None where not known (a packed file written without them)
+    # None where not known (a summary not made by read_coco; a packed file carries them: lomar.data.coco_shared names
+    # its file by a digest of this module, so one written without them is never read)
     boxed: list[int] | None = None
 
     def line(self) -> str:
