@@ -252,3 +252,13 @@ def test_a_path_with_spaces_the_shell_split_is_named_quoted(tmp_path, monkeypatc
                                             "shell splits at them: 'exports/my vit 448' (see lomar knn --help)\n")
     assert main(["pretrain", "--data", "My Photos", "extra"]) == 2  # no path it continues: nothing said
     assert capsys.readouterr().err.endswith("unrecognized arguments: extra (see lomar pretrain --help)\n")
+
+
+def test_a_path_split_after_a_flag_that_takes_no_value_is_named_as_the_operand_it_is(tmp_path, monkeypatch, capsys):
+    """`lomar knn --overwrite exports/my vit 448`: the split path is knn's operand, and --overwrite takes no value, so
+    the hint quotes the path alone, not `--overwrite 'exports/my vit 448'`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exports" / "my vit 448").mkdir(parents=True)
+    assert main(["knn", "--overwrite", "exports/my", "vit", "448", "--data", "d"]) == 2
+    assert capsys.readouterr().err.endswith("unrecognized arguments: vit 448; quote a path with spaces, which the "
+                                            "shell splits at them: 'exports/my vit 448' (see lomar knn --help)\n")

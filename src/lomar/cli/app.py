@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 # every command's parser, built on this error's path only: `lomar knn --accum-steps` is told whose
                 own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}"
                           f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}"
-                          f"{split_at_spaces(argv, unknown)}")
+                          f"{split_at_spaces(argv, unknown, own)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

@@ -106,10 +106,11 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
 
 
-def split_at_spaces(argv: list[str], unknown: list[str]) -> str:
+def split_at_spaces(argv: list[str], unknown: list[str], parser: argparse.ArgumentParser) -> str:
     """The quoted flag when the first operand argparse left over continues a flag's value into a path that exists
     or operand into a path that exists only with the spaces between them, as an unquoted path with spaces becomes
-    (`--pretrained exports/my vit`: the flag took 'exports/my', 'vit' was left over). '' otherwise."""
+    (`--pretrained exports/my vit`: the flag took 'exports/my', 'vit' was left over). '' otherwise. ``parser``:
+    the command's, which tells a flag that takes a value from one that takes none (``--overwrite``)."""
     operands = [token for token in unknown if not token.startswith("-")]
     if not operands:
         return ""
@@ -121,8 +122,9 @@ def split_at_spaces(argv: list[str], unknown: list[str]) -> str:
             flag, first = before.split("=", 1)
         elif before.startswith("-"):
             continue
-        else:  # a flag's value, or an operand (`lomar knn exports/my vit`)
-            flag = argv[at - 2] if at >= 2 and argv[at - 2].startswith("--") and "=" not in argv[at - 2] else ""
+        else:  # a flag's value, or an operand (`lomar knn exports/my vit`, `lomar knn --overwrite exports/my vit`)
+            action = parser._option_string_actions.get(argv[at - 2]) if at >= 2 else None
+            flag = argv[at - 2] if action is not None and action.nargs != 0 else ""
             first = before
         end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
         for stop in range(end, at, -1):  # the longest run of words that names a path
