@@ -40,12 +40,12 @@ def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path):
                                                                    / "0.png")
     train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
     with pytest.raises(ValueError) as caught:
-        train.check_same_classes(val)
+        train.match_classes(val)
     assert r"('cafe\u0301' and 'caf\xe9' are one name in two Unicode forms" in str(caught.value)
     assert "\n" not in str(caught.value)
     other = LabelledImageFolder(_folder(tmp_path / "plain"))
     with pytest.raises(ValueError) as caught:
-        train.check_same_classes(other)
+        train.match_classes(other)
     assert "Unicode" not in str(caught.value)  # names that differ in letters: the plain message
 
 

@@ -115,8 +115,8 @@ def test_splits_with_other_class_folders_are_refused_naming_the_odd_ones(tmp_pat
     train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
     with pytest.raises(ValueError, match=rf"only in {tmp_path / 'train'}: \['owl'\], only in {tmp_path / 'val'}: "
                                          rf"\['yak'\]; give both splits the same class folders"):
-        train.check_same_classes(val)
-    train.check_same_classes(train)
+        train.match_classes(val)
+    train.match_classes(train)
 
 
 def test_labelled_folder_skips_and_reports_unreadable_images(tmp_path):

@@ -61,7 +61,7 @@ def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, cap
     (tmp_path / "val" / "kitty" / "a.jpg").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
         train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
-        train.check_same_classes(val)
+        train.match_classes(val)
     assert train.targets == [0, 1, 2] and train.paths.text(2).endswith("kitty/a.jpg")  # followed, as torchvision does
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'train'}: 1 pair(s) of class folders reach one folder through a link, e.g. "
@@ -72,7 +72,7 @@ def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, cap
     (tmp_path / "val" / "dog").symlink_to(tmp_path / "train" / "dog")  # a held-out split made of links to train's
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
-        train.check_same_classes(LabelledImageFolder(tmp_path / "val"))
+        train.match_classes(LabelledImageFolder(tmp_path / "val"))
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'train'} and {tmp_path / 'val'} share 1 folder(s) through links, e.g. {tmp_path / 'val' / 'dog'}:"
         f" their images are trained on and scored; give the held-out split images of its own"]
@@ -88,7 +88,7 @@ def test_a_held_out_split_nested_in_the_training_one_is_said_to_be_nested_not_li
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "a.jpg").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="lomar.data"), pytest.raises(ValueError, match="only in"):
-        LabelledImageFolder(tmp_path).check_same_classes(LabelledImageFolder(tmp_path / "val"))
+        LabelledImageFolder(tmp_path).match_classes(LabelledImageFolder(tmp_path / "val"))
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path} and {tmp_path / 'val'} share 1 folder(s) by nesting ({tmp_path / 'val'} lies in {tmp_path}), "
         f"e.g. {tmp_path / 'val' / 'cat'}: their images are trained on and scored; give the held-out split images of "

@@ -61,10 +61,13 @@ def relabel(dataset, names: Sequence[str] | None, count: int | None, source: obj
     name among ``names``, as the classifier in ``source`` names its head's rows (:func:`rows_by_name`: a folder that
     sorts them otherwise is relabelled), and its ``classes`` and ``class_to_idx`` with them. Without names (``count``
     rows, saved without them): as many classes, in the folder's order. ValueError naming the classes only one side
-    has (rows would score other classes), or names that cannot be the rows' (:func:`names_problem`)."""
+    has (rows would score other classes), or names that cannot be the rows' (:func:`names_problem`). A folder without
+    an image that the classifier does not name is left out, as a training split leaves it out."""
     if names is not None and (problem := names_problem(names, count)):
         raise ValueError(f"the classifier in {source}: its classes {problem}; pass a checkpoint `lomar finetune` wrote")
     root, names = dataset.root, list(names or [])
+    if names and (gone := [name for name in dataset.empty if name not in names]):  # no class of the classifier
+        dataset.drop_classes(gone)  # a class folder without an image is none (LabelledImageFolder.match_classes)
     if not names:
         if count != len(dataset.classes):
             raise ValueError(f"the classifier in {source} has {count} classes, {root} {len(dataset.classes)} class "

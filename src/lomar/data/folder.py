@@ -28,6 +28,7 @@ from lomar.data.image_search import image_table, search_images, warn_passed_over
 from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
+from lomar.values import counted
 
 __all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset",
            "LabelledImageFolder", "not_a_class_root"]
@@ -271,29 +272,53 @@ class LabelledImageFolder(Dataset):
         if stray:
             log.warning("%s: %d image(s) outside the class folders, e.g. %s, are not used; move them into their "
                         "class folder (ImageFolder layout: ROOT/CLASS/IMAGE)", self.root, len(stray), stray[0])
-        seen = set(np.unique(self.labels).tolist())
-        if empty := [name for i, name in enumerate(self.classes) if i not in seen]:
-            log.warning("%s: %d class folder(s) without an image, e.g. %s: no sample of that class here; add its "
-                        "images or remove the folder", self.root, len(empty), empty[0])
+        # said by whoever pairs the splits (match_classes, relabel): an empty training folder is no class, an empty
+        # held-out one a class without a sample
+        self.empty = [name for name, count in zip(self.classes, counts) if not count]
 
     def check_classes(self) -> None:
-        """ValueError unless there are two classes to tell apart: with one, every score is 100 %."""
-        if len(self.classes) < 2:
-            raise ValueError(f"{self.root} holds one class folder ({self.classes[0]}); a classifier needs at least "
-                             f"two (ImageFolder layout: ROOT/CLASS/IMAGE)")
+        """ValueError unless there are two classes with images to tell apart: with one, every score is 100 %."""
+        if len(held := [name for name in self.classes if name not in self.empty]) < 2:
+            more = f", and {counted(len(self.empty), 'class folder')} without an image" if self.empty else ""
+            raise ValueError(f"{self.root} holds one class folder with images ({held[0] if held else 'none'}){more}; a "
+                             f"classifier needs at least two (ImageFolder layout: ROOT/CLASS/IMAGE)")
 
-    def check_same_classes(self, val: LabelledImageFolder) -> None:
-        """ValueError naming the class folders that only one of the two splits holds: labels are indices."""
+    def drop_classes(self, names: Sequence[str]) -> None:
+        """Leave out the class folders ``names``, which hold no image here: the others' labels close up."""
+        keep = [name for name in self.classes if name not in set(names)]
+        index = np.array([keep.index(name) if name in keep else -1 for name in self.classes], dtype=np.int64)
+        self.labels = index[self.labels]
+        self.classes, self.class_to_idx = keep, {name: i for i, name in enumerate(keep)}
+        self.empty = [name for name in self.empty if name in keep]
+
+    def match_classes(self, val: LabelledImageFolder) -> None:
+        """Give this training split and ``val`` one class list, by the one rule of every classification command: a
+        class is a training class folder that holds an image. A training folder without one is no class, in both
+        splits (an output never trained on would be offered by predict, and a probe's row for it untrained); each is
+        warned of by name. A held-out folder without an image stays a class with no held-out sample (warned of).
+        ValueError naming the class folders that only one split holds (labels are indices), or a held-out folder with
+        images whose training folder has none (a class nothing teaches)."""
         if common := self.folders.keys() & val.folders.keys():  # val/cat linked to train/cat: scored on trained images
             shared = next((f"by nesting ({a} lies in {b})" for a, b in ((val.root, self.root), (self.root, val.root))
                         if a.resolve().is_relative_to(b.resolve())), "through links"), val.folders[min(common)][1]
             log.warning("%s and %s share %d folder(s) %s, e.g. %s: their images are trained on and scored; give the "
                         "held-out split images of its own", self.root, val.root, len(common), *shared)
+        if taught := [name for name in self.empty if name in val.classes and name not in val.empty]:
+            raise ValueError(f"{self.root / taught[0]} holds no image, {val.root / taught[0]} holds some: a class with "
+                             f"nothing to learn from; add its training images, or remove both folders")
+        if self.empty:  # ImageFolder refuses the split: an empty folder is what a class made ahead of its images is
+            log.warning("%s: %d class folder(s) without an image, e.g. %s: no class (in %s too); add its images or "
+                        "remove the folder", self.root, len(self.empty), self.root / self.empty[0], val.root)
+            val.drop_classes([name for name in self.empty if name in val.classes])
+            self.drop_classes(self.empty)
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
                              f"in {val.root}: {val_only}; give both splits the same class folders"
                              f"{unicode_forms_note(self.classes, val.classes)}")
+        if val.empty:
+            log.warning("%s: %d class folder(s) without an image, e.g. %s: no held-out sample of that class; add its "
+                        "images", val.root, len(val.empty), val.root / val.empty[0])
 
     @property
     def samples(self) -> list[tuple[Path, int]]:

@@ -280,7 +280,7 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     load = eval_load(img_size, decode)
     with said_by_first_on_machine(say=warn):
         sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
-        sets[0].check_same_classes(sets[1])
+        sets[0].match_classes(sets[1])
         sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
                             collate_fn=collate_labelled, worker_init_fn=worker_init_fn) for s in sets)

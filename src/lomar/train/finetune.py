@@ -73,7 +73,7 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                 relabel(val_set, saved.get("classes"), saved.get("num_classes"), config.classifier.path)
             else:
                 train_set.check_classes()
-                train_set.check_same_classes(val_set)
+                train_set.match_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.

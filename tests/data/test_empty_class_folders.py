@@ -1,0 +1,66 @@
+"""A class folder without an image, by the one rule of every classification command (knn, linprobe, finetune, and
+the class names a classifier saves for predict): a training folder without an image is no class, in both splits."""
+
+import logging
+
+import pytest
+
+from helpers import write_images
+from lomar.data.class_names import relabel
+from lomar.data.folder import LabelledImageFolder
+from lomar.eval.features import knn_loaders
+
+
+def _splits(root, train: dict[str, int], val: dict[str, int]):
+    for split, counts in (("train", train), ("val", val)):
+        for name, count in counts.items():
+            (root / split / name).mkdir(parents=True)
+            write_images(root / split / name, count, size=(8, 8))
+    return root
+
+
+def test_an_empty_training_class_folder_is_no_class_in_either_split_wherever_it_sorts(tmp_path, caplog):
+    # "aa" sorts first, "zz" last: neither may shift an index or leave an output never trained on
+    root = _splits(tmp_path, {"aa": 0, "cat": 2, "dog": 1, "zz": 0}, {"aa": 0, "cat": 1, "dog": 1, "zz": 0})
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        train, val = (loader.dataset for loader in knn_loaders(root, workers=0))
+    assert train.classes == val.classes == ["cat", "dog"]
+    assert train.targets == [0, 0, 1] and val.targets == [0, 1]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'train'}: 2 class folder(s) without an image, e.g. {root / 'train' / 'aa'}: no class (in "
+        f"{root / 'val'} too); add its images or remove the folder"]
+
+
+def test_a_held_out_folder_without_an_image_stays_a_class_without_a_sample(tmp_path, caplog):
+    root = _splits(tmp_path, {"cat": 1, "dog": 1, "owl": 1}, {"cat": 1, "dog": 0, "owl": 1})
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        train, val = (loader.dataset for loader in knn_loaders(root, workers=0))
+    assert train.classes == val.classes == ["cat", "dog", "owl"] and val.targets == [0, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'val'}: 1 class folder(s) without an image, e.g. {root / 'val' / 'dog'}: no held-out sample of that "
+        f"class; add its images"]
+
+
+def test_held_out_images_of_a_class_whose_training_folder_is_empty_are_refused_naming_both(tmp_path):
+    root = _splits(tmp_path, {"cat": 1, "dog": 1, "owl": 0}, {"cat": 1, "dog": 1, "owl": 1})
+    with pytest.raises(ValueError, match=f"^{root / 'train' / 'owl'} holds no image, {root / 'val' / 'owl'} holds "
+                                         f"some: a class with nothing to learn from; add its training images, or "
+                                         f"remove both folders$"):
+        knn_loaders(root, workers=0)
+
+
+def test_a_classifiers_held_out_folder_without_an_image_that_it_does_not_name_is_left_out(tmp_path):
+    """finetune --eval-only: the classifier, trained without the empty folder, scores a split that still holds it."""
+    root = _splits(tmp_path, {}, {"cat": 1, "dog": 1, "zz": 0})
+    val = LabelledImageFolder(root / "val")
+    relabel(val, ["dog", "cat"], 2, "best.pt")
+    assert val.classes == ["dog", "cat"] and val.targets == [1, 0]
+
+
+def test_one_class_with_images_beside_empty_ones_is_not_two_classes(tmp_path):
+    root = _splits(tmp_path, {"cat": 2, "dog": 0}, {"cat": 1, "dog": 0})
+    with pytest.raises(ValueError, match=r"holds one class folder with images \(cat\); a classifier needs at least two"):
+        knn_loaders(root, workers=0)
+    with pytest.raises(ValueError, match=r"holds one class folder with images \(cat\), and 1 class folder without an "
+                                         r"image; a classifier needs at least two"):
+        LabelledImageFolder(root / "train").check_classes()  # a study's check, before any pairing
