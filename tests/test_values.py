@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lomar.values import as_sides, command_line, is_size, parse_device
+from lomar.values import as_sides, command_line, is_size, listed, parse_device
 
 
 @pytest.mark.parametrize("size, sides", [(224, (224, 224)), ((224, 320), (224, 320)), ([224, 320], (224, 320)),
@@ -81,3 +81,9 @@ def test_a_command_to_copy_keeps_a_path_with_a_space_or_a_quote_one_word():
     assert shlex.split(line) == ["lomar", "export", str(odd), "--to", "DIR"]  # as a shell reads it back
     assert command_line("lomar", "visualize", Path("runs/a/last.pt"), "IMAGE...") == \
         "lomar visualize runs/a/last.pt IMAGE..."  # a plain path and a placeholder as they are
+
+
+def test_listed_names_the_first_few_and_counts_the_rest():
+    assert listed(["a", "b", "c"], 3) == "a, b, c"
+    assert listed(iter("abcde"), 3) == "a, b, c and 2 more"
+    assert listed([], 3) == ""

@@ -9,7 +9,8 @@ import reprlib
 import shlex
 from itertools import islice
 
-__all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief", "parse_device", "parse_duration",
+__all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "listed", "brief", "parse_device",
+           "parse_duration",
            "duration_text", "percent_text", "command_line"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
@@ -58,6 +59,12 @@ def as_sides(size, name: str = "img_size") -> tuple[int, int]:
 def counted(n: int, noun: str) -> str:
     """``n`` and the singular ``noun`` as a message says them: '1 step', '3 steps', '0 pictures'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def listed(names, at_most: int) -> str:
+    """The first ``at_most`` of ``names`` as a message lists them, the rest counted: 'a, b, c and 2 more'."""
+    names = list(names)
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
 
 def brief(value) -> str:

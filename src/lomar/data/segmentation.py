@@ -42,6 +42,7 @@ from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
 from lomar.errors import exception_line
+from lomar.values import listed
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
            "eval_input", "collate_segmentation", "class_names"]
@@ -141,7 +142,7 @@ def _held(parent: Path, files: bool = False) -> str:
     except OSError:
         return ""
     held = [name for is_file, name in sorted(entries) if files or not is_file]
-    return ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    return listed(held, 4)
 
 
 def _held_folders(folder: Path) -> str:

@@ -57,6 +57,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
 from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
+from lomar.values import listed
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories"]
 
@@ -310,8 +311,7 @@ def untrained_categories(val: CocoSplit, train: CocoSplit) -> str | None:
     if not unseen:
         return None
     name = dict(zip(val.categories, val.names))
-    shown = ", ".join(f"{i} {name[i]!r}" for i in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
-                                                                  else "")
+    shown = listed((f"{i} {name[i]!r}" for i in unseen), 5)
     many = f"{len(unseen)} categor{'y' if len(unseen) == 1 else 'ies'}"
     return (f"{many} with boxes in {val.path} but none in {train.path} (never trained on, each scores 0 AP in the "
             f"mean): {shown}; add training boxes of them, or leave them out of the validation file")

@@ -52,7 +52,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import Task
 from lomar.train.task_resume import resume_line, resumed_encoder_config
-from lomar.values import percent_text
+from lomar.values import listed, percent_text
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -242,8 +242,7 @@ def _untrained_classes(task) -> str | None:
     unseen = sorted(task.val_set.classes_held - task.train_set.classes_held)
     if not unseen:
         return None
-    shown = ", ".join(task.class_labels[c] for c in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
-                                                                  else "")
+    shown = listed((task.class_labels[c] for c in unseen), 5)
     many = f"{len(unseen)} class{'' if len(unseen) == 1 else 'es'}"
     return (f"{many} in the validation annotations but in no training one (never trained on, each scores 0 IoU in "
             f"the mean), as the annotations number them: {shown}; add training images of them, or check "
