@@ -121,3 +121,18 @@ def test_a_stopped_fsdp_pretraining_run_folder_is_read_as_its_newest_sharded_che
     (run / "last.json").write_text(json.dumps({"checkpoint": "../checkpoint-000010.dcp"}))
     with pytest.raises(ValueError, match="is a folder without config.json"):
         lomar.load_model(run)
+
+
+def test_a_run_folders_damaged_best_pt_is_refused_naming_its_last_pt(tmp_path):
+    """A reader takes a run folder's best.pt and does not pass over it: where it cannot be read, the refusal names
+    the run's last.pt as the other checkpoint to pass (a file given itself is refused as it is)."""
+    run = tmp_path / "ft"
+    _classifier(run / "last.pt", 3)
+    (run / "best.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError) as refused:
+        lomar.load_model(run)
+    assert str(refused.value).startswith(f"cannot read checkpoint {run / 'best.pt'}: ")
+    assert str(refused.value).endswith(f"; or pass the run's other checkpoint, {run / 'last.pt'}")
+    with pytest.raises(ValueError) as refused:
+        lomar.load_model(run / "best.pt")
+    assert "other checkpoint" not in str(refused.value)

@@ -305,7 +305,7 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     them, enough to tell its format). A run folder without an export is its best.pt, else last.pt
     (:func:`~lomar.checkpoints.export_leftovers.readable_file`, the rule every reader follows). Raises
     FileNotFoundError or ValueError naming the problem."""
-    path = readable_file(Path(path))
+    path = readable_file(given := Path(path))
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
         return identify(path, read_sharded(path))
     if path.is_dir():
@@ -319,7 +319,13 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
         return reader, Source(path, reader.name, {}, {})
     if (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
         return read(folder)
-    return identify(path, safe_load(path, mmap=mmap))
+    try:
+        data = safe_load(path, mmap=mmap)
+    except ValueError as exc:  # a run folder's damaged best.pt: name its last.pt, which no reader falls back on
+        if given == path or not (others := [file for file in run_checkpoints(given) if file != path]):
+            raise
+        raise ValueError(f"{exc}; or pass the run's other checkpoint, {others[0]}") from None
+    return identify(path, data)
 
 
 def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
