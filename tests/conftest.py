@@ -44,10 +44,12 @@ def image_dir(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("images"), 16)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, image_dir) -> Path:
-    """``last.pt`` of a 1-step tiny LoMaR run (helpers.TINY) on ``image_dir``."""
-    return one_step_run(tmp_path_factory.mktemp("pre"), image_dir)
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """``last.pt`` of a 1-step tiny LoMaR run (helpers.TINY) on 16 random images of its own, as ``image_dir``'s.
+    Built once a session: a build is ~2.8 s of a loaded 2-core host, and 18 modules take it (7 in tests/train). Its
+    tests only read it and its run folder; one that changes either works on a copy."""
+    return one_step_run(tmp_path_factory.mktemp("pre"), write_images(tmp_path_factory.mktemp("pre_images"), 16))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from pathlib import Path
 import pytest
 from coco_tiny import write_tiny_coco
 
-from helpers import one_step_run, write_images
 from lomar.data.compose import compose_digits
 
 
@@ -56,9 +55,3 @@ def folder(labelled_folder) -> Path:
     """tests/conftest.py's labelled_folder, under the name the finetune tests take it by."""
     return labelled_folder
 
-
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory) -> Path:
-    """tests/conftest.py's ``pretrained`` (``last.pt`` of a 1-step tiny LoMaR run on 16 random images), built once a
-    session for tests/train: its tests only read it, and a build a module is ~2.7 s of setup in each of 7 modules."""
-    return one_step_run(tmp_path_factory.mktemp("pre"), write_images(tmp_path_factory.mktemp("images"), 16))
