@@ -262,3 +262,21 @@ def test_a_path_split_after_a_flag_that_takes_no_value_is_named_as_the_operand_i
     assert main(["knn", "--overwrite", "exports/my", "vit", "448", "--data", "d"]) == 2
     assert capsys.readouterr().err.endswith("unrecognized arguments: vit 448; quote a path with spaces, which the "
                                             "shell splits at them: 'exports/my vit 448' (see lomar knn --help)\n")
+
+
+@pytest.mark.parametrize("command", ["predict", "visualize"])
+def test_a_path_with_spaces_split_among_a_list_of_operands_is_named_quoted(command, tmp_path, monkeypatch, capsys):
+    """predict's and visualize's list of images takes every word the shell split a path into, so argparse leaves
+    none over: a split checkpoint, image folder or --out was told only '... vit does not exist'."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("exports/my vit 448", "new photos", "my out"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "a.jpg").touch()
+    said = "quote a path with spaces, which the shell splits at them:"
+    assert main([command, "exports/my", "vit", "448", "a.jpg", "--out", "o"]) == 2
+    assert capsys.readouterr().err == (f"lomar {command}: error: vit does not exist; {said} 'exports/my vit 448' "
+                                       f"(see lomar {command} --help)\n")
+    assert main([command, "exports/my vit 448", "a.jpg", "new", "photos", "--out", "o"]) == 2  # an operand's own
+    assert capsys.readouterr().err.startswith(f"lomar {command}: error: new does not exist; {said} 'new photos' (")
+    assert main([command, "exports/my vit 448", "a.jpg", "--out", "my", "out"]) == 2  # left over, then listed
+    assert f"out does not exist; {said} --out 'my out' (" in capsys.readouterr().err

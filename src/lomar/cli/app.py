@@ -22,7 +22,15 @@ from time import monotonic
 from lomar import __version__
 from lomar.cli.command_lines import prefix_warnings
 from lomar.cli.stop_signals import command_running, handle_stop_signals
-from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, split_at_spaces, suggest_flags
+from lomar.cli.suggest import (
+    command_action,
+    command_parser,
+    expanded_by_shell,
+    operand_list,
+    split_at_spaces,
+    split_operand,
+    suggest_flags,
+)
 from lomar.errors import (
     FULL_DISK,
     LomarError,
@@ -208,10 +216,9 @@ def _operands_after_flags(own: argparse.ArgumentParser, args: argparse.Namespace
     """What is left of ``unknown`` once operands typed after the flags (``lomar visualize CKPT --out D a.png``)
     join the command's one list of operands, as they would before the flags: argparse fills a positional list
     only up to the first flag."""
-    lists = [a for a in own._actions if not a.option_strings and a.nargs in ("*", "+")]
-    if len(lists) != 1 or any(u.startswith("-") for u in unknown):
+    action = operand_list(own)
+    if action is None or any(u.startswith("-") for u in unknown):
         return unknown
-    action = lists[0]
     setattr(args, action.dest, [*(getattr(args, action.dest) or []), *map(action.type or str, unknown)])
     return []
 
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}"
                           f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}"
                           f"{split_at_spaces(argv, unknown, own)}")
+        if split := split_operand(argv, own := command_parser(parser, args), args):
+            own.error(split)
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

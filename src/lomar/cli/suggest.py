@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
 __all__ = ["suggest_flags", "command_parser", "command_action", "command_flags", "expanded_by_shell",
-           "split_at_spaces"]
+           "split_at_spaces", "operand_list", "split_operand"]
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -106,32 +106,49 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
 
 
-def split_at_spaces(argv: list[str], unknown: list[str], parser: argparse.ArgumentParser) -> str:
+def split_at_spaces(argv: list[str], unknown: list[str], parser: argparse.ArgumentParser,
+                    starting: bool = False) -> str:
     """The quoted flag when the first operand argparse left over continues a flag's value into a path that exists
     or operand into a path that exists only with the spaces between them, as an unquoted path with spaces becomes
     (`--pretrained exports/my vit`: the flag took 'exports/my', 'vit' was left over). '' otherwise. ``parser``:
-    the command's, which tells a flag that takes a value from one that takes none (``--overwrite``)."""
+    the command's, which tells a flag that takes a value from one that takes none (``--overwrite``). ``starting``:
+    the operand may begin the path too (`lomar predict CKPT new photos`: a list of operands took both words)."""
     operands = [token for token in unknown if not token.startswith("-")]
     if not operands:
         return ""
     for at, token in enumerate(argv):
         if token != operands[0] or at < 1:
             continue
-        before = argv[at - 1]
+        before, starts = argv[at - 1], [("", [])] if starting else []
         if before.startswith("--") and "=" in before:  # --data=My Photos
-            flag, first = before.split("=", 1)
-        elif before.startswith("-"):
-            continue
-        else:  # a flag's value, or an operand (`lomar knn exports/my vit`, `lomar knn --overwrite exports/my vit`)
+            starts.insert(0, (before.split("=", 1)[0], [before.split("=", 1)[1]]))
+        elif not before.startswith("-"):  # a flag's value, or an operand (`lomar knn exports/my vit`)
             action = parser._option_string_actions.get(argv[at - 2]) if at >= 2 else None
-            flag = argv[at - 2] if action is not None and action.nargs != 0 else ""
-            first = before
+            starts.insert(0, (argv[at - 2] if action is not None and action.nargs != 0 else "", [before]))
         end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
-        for stop in range(end, at, -1):  # the longest run of words that names a path
-            if os.path.lexists(joined := " ".join([first, *argv[at:stop]])):
-                return (f"; quote a path with spaces, which the shell splits at them: "
-                        f"{flag + ' ' if flag else ''}{shlex.quote(joined)}")
+        for flag, first in starts:
+            for stop in range(end, at + 1 - len(first), -1):  # the longest run of words that names a path
+                if os.path.lexists(joined := " ".join([*first, *argv[at:stop]])):
+                    return (f"; quote a path with spaces, which the shell splits at them: "
+                            f"{flag + ' ' if flag else ''}{shlex.quote(joined)}")
     return ""
+
+
+def operand_list(parser: argparse.ArgumentParser) -> argparse.Action | None:
+    """The command's one list of operands (predict's IMAGES), None where it has none or several."""
+    lists = [a for a in parser._actions if not a.option_strings and a.nargs in ("*", "+")]
+    return lists[0] if len(lists) == 1 else None
+
+
+def split_operand(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """'vit does not exist; quote a path with spaces ...: 'exports/my vit 448'' for the first operand of the
+    command's list that names nothing and, with its neighbours, a path with spaces the shell split; '' otherwise.
+    A list of operands takes every word, so argparse leaves none over for the unknown-argument line's hint."""
+    action = operand_list(parser)
+    missing = [given for given in (getattr(args, action.dest, None) or []) if not os.path.lexists(given)] \
+        if action is not None else []
+    hint = split_at_spaces(argv, missing, parser, starting=True) if missing else ""
+    return f"{missing[0]} does not exist{hint}" if hint else ""
 
 
 def _one_path_each(flag: str, paths: list[str], shards: bool) -> str:
