@@ -51,3 +51,22 @@ def test_a_ctrl_c_is_answered_at_once_with_what_the_run_does(capfd):
         flag.restore()
     assert capfd.readouterr().err == ("lomar pretrain: Ctrl-C: saving a checkpoint at the end of this step, then "
                                       "stopping (Ctrl-C again stops at once, without it)\n")
+
+
+def test_a_ctrl_c_whose_stderr_is_gone_still_stops_the_run_with_its_checkpoint():
+    """`lomar pretrain ... 2>&1 | tee log`: the Ctrl-C ends tee too, and the line written to a pipe without a reader
+    raised BrokenPipeError from the handler, inside whatever the step was doing: the run failed without its save."""
+    read, write = os.pipe()
+    os.close(read)
+    saved, flag = os.dup(2), StopFlag(command="pretrain")
+    try:
+        os.dup2(write, 2)
+        flag.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write)
+        flag.restore()
+    assert flag.signal == signal.SIGINT

@@ -222,8 +222,11 @@ class StopFlag:
                 # said now: the step, the save and the figures take seconds to minutes, in which a silent terminal
                 # invites a second Ctrl-C. os.write: a print here could land inside a write to the same stream
                 said = " ".join(filter(None, ("lomar", self.command)))
-                os.write(2, f"{said}: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C "
-                            f"again stops at once, without it)\n".encode())
+                # an exception here would be raised inside the step: a stderr gone (`2>&1 | tee log`, whose tee the
+                # same Ctrl-C ended) must not cost the checkpoint
+                with contextlib.suppress(OSError):
+                    os.write(2, f"{said}: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C "
+                                f"again stops at once, without it)\n".encode())
             previous = self.previous.get(signal.SIGINT)
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
