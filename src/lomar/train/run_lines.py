@@ -5,13 +5,14 @@ lomar.train.lifecycle's ``_Run``, its state read as it is."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, METRICS
 from lomar.train.monitor import input_limit_note, metric_text, resume_hint
 from lomar.train.precision import auto_precision, emulated_bf16_notes
-from lomar.train.schedule import warmup_warning
+from lomar.train.schedule import shortened_warning, warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
@@ -41,6 +42,11 @@ def announce(trainer) -> None:
     if warning := warmup_warning(trainer.last_step, *trainer.schedule, trainer.base_lr, trainer.min_lr,
                                  task.lr_schedule, config=cfg, resumed=p.step > 0):
         print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
+    if p.step and (was := getattr(cfg, "resumed_end", None)):  # a resume that ends the run sooner than it was set to
+        set_end = min((was.get("epochs") or math.inf) * trainer.steps_per_epoch, was.get("max_steps") or math.inf)
+        if warning := shortened_warning(trainer.last_step, set_end, *trainer.schedule, trainer.base_lr,
+                                        trainer.min_lr, task.lr_schedule, cfg, trainer.steps_per_epoch):
+            print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def report_end(trainer, path: Path, preempted: bool) -> None:

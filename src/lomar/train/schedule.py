@@ -12,7 +12,7 @@ import torch
 from lomar.lr_schedule import lr_at
 from lomar.train.setting_names import setting_named
 
-__all__ = ["schedule_span", "run_span", "warmup_warning", "schedule_overrun", "param_groups"]
+__all__ = ["schedule_span", "run_span", "warmup_warning", "shortened_warning", "schedule_overrun", "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
@@ -65,6 +65,29 @@ def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
                 "is given), or lower --warmup-epochs")
     return (f"drop {setting_named(config, 'epochs', 'from')} to lay the schedule over --max-steps, or lower "
             f"{setting_named(config, 'warmup_epochs')}")
+
+
+def shortened_warning(last_step: int, set_end: float, total_steps: float, warmup_steps: float, base_lr: float,
+                      min_lr: float = 0.0, schedule: Callable[..., float] | None = None, config=None,
+                      steps_per_epoch: int = 0) -> str | None:
+    """What to tell a resumed run whose ``--max-steps`` or ``--epochs`` (``config``'s, at ``steps_per_epoch``) end it at
+    ``last_step``, before ``set_end`` where the run was set to end and before its lr schedule's end: the schedule is
+    the run's own (``schedule_steps`` is fixed, the end run-control), so it stops with the lr mid-schedule, not
+    annealed. None where it ends at or past either, or inside its warm-up (:func:`warmup_warning`'s)."""
+    if last_step >= min(set_end, total_steps) or last_step < warmup_steps:
+        return None
+    lr = (schedule or lr_at)(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
+    by_steps = config.max_steps == last_step
+    by = f"{setting_named(config, 'max_steps')} {last_step}" if by_steps else \
+        f"{setting_named(config, 'epochs')} {config.epochs}"
+    end = math.floor(min(set_end, total_steps))
+    fix = f"--max-steps {end}" if by_steps else f"--epochs {math.ceil(end / steps_per_epoch)}"
+    return (f"{by} ends this resumed run at step {last_step}, before step {math.floor(set_end)} where it was set to "
+            f"end; its lr schedule is the run's own, laid when it began (a resume keeps it), and ends at step "
+            f"{total_steps:g}: the run stops with the lr at {lr:.3g} ({lr / base_lr:.2g} x the peak {base_lr:.3g}), "
+            f"not annealed; resume with {fix} to go on to step {end}, or start a new run (another --out) with "
+            f"{'--max-steps' if by_steps else '--epochs'} {last_step if by_steps else config.epochs} to lay a "
+            f"schedule over that length")
 
 
 def schedule_overrun(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,

@@ -90,6 +90,9 @@ class TaskConfig:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
         config.resume_point, config.in_file = (saved.point if saved is not None else None), in_file
+        # where the resumed run was set to end: a resume that ends it sooner stops inside the lr schedule laid for that
+        # end (schedule_steps is fixed, epochs and max_steps run-control), which the start says (run_lines.announce)
+        config.resumed_end = {k: saved.settings.get(k) for k in ("epochs", "max_steps")} if saved is not None else None
         config.flags_given = frozenset(flags)  # what the command line gave, not a settings file
         config.complete(explicit)
         if config.workers is None:
