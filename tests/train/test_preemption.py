@@ -70,3 +70,20 @@ def test_a_ctrl_c_whose_stderr_is_gone_still_stops_the_run_with_its_checkpoint()
         os.close(write)
         flag.restore()
     assert flag.signal == signal.SIGINT
+
+
+def test_the_ctrl_c_line_is_the_first_process_of_a_machines_and_not_a_sigterms(monkeypatch, capfd):
+    """torchrun hands a terminal's Ctrl-C to every process of the machine: one line, not one per process; a scheduler's
+    SIGTERM gets none (the stop line says why the run stopped)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, sent in (("1", signal.SIGINT), ("0", signal.SIGTERM)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        flag = StopFlag(command="pretrain")
+        try:
+            flag.install()
+            os.kill(os.getpid(), sent)
+            time.sleep(0.05)
+        finally:
+            flag.restore()
+        assert flag.signal == sent
+    assert capfd.readouterr().err == ""
