@@ -7,7 +7,7 @@ from lomar.progress_bar import progress
 
 
 def test_a_progress_line_in_a_log_file_keeps_every_figure(monkeypatch):
-    """Off a terminal the line was cut at 100 columns: a run's line ended 'loss=1.24, lr=', its lr lost."""
+    """Off a terminal no width cuts the line: a run's line ends with its lr, its last figure."""
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
     bar = progress(total=12, desc="pretrain")

@@ -32,6 +32,6 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
 
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True)
-    # no ncols: a log's line is not cut to a width, which dropped the last figures (lr) of a run's line
+    # no ncols: a width would cut a log's line, and its last figures (a run's lr) with it
     return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, file=_Lines(sys.stderr),
                 mininterval=QUIET_INTERVAL, maxinterval=QUIET_INTERVAL * 4, delay=QUIET_INTERVAL, leave=False)

@@ -98,8 +98,8 @@ def test_read_export_accepts_a_new_head(tmp_path):
 
 
 def test_settings_given_that_do_not_fit_a_sound_export_are_named_as_the_callers(tmp_path):
-    """create_encoder(DIR, depth=4) said 'model.safetensors does not match DIR/config.json', and img_size=36
-    'DIR/config.json: img_size 36 is not a multiple', of a file that holds neither: the caller's settings broke it."""
+    """create_encoder(DIR, depth=4) and img_size=36 break a sound export: the settings given are named, not
+    DIR/config.json, which holds neither; a config.json that does not fit its weights is named itself."""
     folder = _export(tmp_path)
     with pytest.raises(UsageError, match=r"^\S+model.safetensors does not match the settings given \(depth=4; "
                                          r"config.json's own fit the weights: drop them\): missing \['blocks.2"):

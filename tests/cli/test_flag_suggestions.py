@@ -236,8 +236,8 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
 
 
 def test_a_path_with_spaces_the_shell_split_is_named_quoted(tmp_path, monkeypatch, capsys):
-    """`--data My Photos` unquoted reached lomar as --data 'My' and a stray 'Photos': the line said only
-    'unrecognized arguments: Photos'."""
+    """`--data My Photos` unquoted reaches lomar as --data 'My' and a stray 'Photos': the unknown-argument line names
+    the path quoted, with its flag."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "My Photos").mkdir()
     (tmp_path / "exports" / "my vit 448").mkdir(parents=True)
@@ -267,7 +267,7 @@ def test_a_path_split_after_a_flag_that_takes_no_value_is_named_as_the_operand_i
 @pytest.mark.parametrize("command", ["predict", "visualize"])
 def test_a_path_with_spaces_split_among_a_list_of_operands_is_named_quoted(command, tmp_path, monkeypatch, capsys):
     """predict's and visualize's list of images takes every word the shell split a path into, so argparse leaves
-    none over: a split checkpoint, image folder or --out was told only '... vit does not exist'."""
+    none over: a split checkpoint, image folder or --out is named quoted as the first word that names nothing."""
     monkeypatch.chdir(tmp_path)
     for folder in ("exports/my vit 448", "new photos", "my out"):
         (tmp_path / folder).mkdir(parents=True)

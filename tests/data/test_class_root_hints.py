@@ -37,7 +37,7 @@ def test_a_folder_of_images_is_named_a_folder_to_pretrain_on(labelled):
 
 
 def test_finetune_says_the_same_of_its_data_and_names_a_missing_one(labelled, capsys):
-    """finetune said 'DATA/train/train is not a folder', a path the user never wrote, whatever DATA held."""
+    """finetune names the --data given and what it holds, not 'DATA/train/train', a path the user never wrote."""
     def error(data):
         assert main(["finetune", "--pretrained", str(labelled / "none.pt"), "--data", str(data)]) == 2
         return capsys.readouterr().err.strip()

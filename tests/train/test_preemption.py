@@ -40,8 +40,8 @@ def test_a_run_takes_ctrl_c_to_save_and_stop():
 
 
 def test_a_ctrl_c_is_answered_at_once_with_what_the_run_does(capfd):
-    """The run said nothing until its step, save and figures were done (14 s at 448 px on 2 CPU cores), which invites
-    a second Ctrl-C, the one that stops without the checkpoint."""
+    """The step, save and figures take seconds to minutes (14 s at 448 px on 2 CPU cores): a silent terminal invites a
+    second Ctrl-C, the one that stops without the checkpoint, so the first is answered at once."""
     flag = StopFlag(command="pretrain")
     try:
         flag.install()
@@ -54,8 +54,8 @@ def test_a_ctrl_c_is_answered_at_once_with_what_the_run_does(capfd):
 
 
 def test_a_ctrl_c_whose_stderr_is_gone_still_stops_the_run_with_its_checkpoint():
-    """`lomar pretrain ... 2>&1 | tee log`: the Ctrl-C ends tee too, and the line written to a pipe without a reader
-    raised BrokenPipeError from the handler, inside whatever the step was doing: the run failed without its save."""
+    """`lomar pretrain ... 2>&1 | tee log`: the Ctrl-C ends tee too, and an error writing the line to a pipe without
+    a reader would be raised from the handler inside whatever the step is doing, failing the run without its save."""
     read, write = os.pipe()
     os.close(read)
     saved, flag = os.dup(2), StopFlag(command="pretrain")

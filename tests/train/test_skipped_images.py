@@ -118,8 +118,8 @@ def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypa
 
 
 def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path):
-    """The decoder's reason begins 'cannot decode image PATH:', so the warning and the done line said
-    'PATH (cannot decode image PATH: image file is truncated ...)', the path twice."""
+    """The decoder's reason begins 'cannot decode image PATH:'; the warning and the done line give the path once,
+    then the reason without that lead: 'PATH (image file is truncated ...)'."""
     import io
 
     import numpy as np
