@@ -207,3 +207,18 @@ def test_scores_never_go_into_a_run_folder(tmp_path):
         with pytest.raises(ConfigError, match=rf"^--out {out} holds a run, whose metrics.jsonl is its training's own; "
                                               rf"pass another --out for the scores$"):
             refuse_held_run(out, None, overwrite, eval_only=True)
+
+
+def test_a_sharded_rewind_points_last_json_at_the_checkpoint_it_resumes_from(tmp_path):
+    """An --fsdp run ended at step 4 (last.json naming checkpoint-000004.dcp, last.pt consolidated at 4), rewound to
+    checkpoint-000002.dcp: last.json names that folder, not the removed one (a rewind to the run's end consolidates
+    what it names), and the dropped step's last.pt goes (every reader of the folder takes a last.pt first)."""
+    out = tmp_path / "run"
+    for step in (2, 4):
+        (out / f"checkpoint-{step:06d}.dcp").mkdir(parents=True)
+    (out / "last.json").write_text(json.dumps({"checkpoint": "checkpoint-000004.dcp", "step": 4}) + "\n")
+    atomic_save({"model": {}, "step": 4, "epoch": 2}, out / "last.pt")  # consolidated: no optimizer
+    resume = out / "checkpoint-000002.dcp"
+    prepare_run_folder(_Config(str(out), str(resume), True), _Task(), resume, 2, 0)
+    assert json.loads((out / "last.json").read_text()) == {"checkpoint": "checkpoint-000002.dcp", "step": 2}
+    assert sorted(p.name for p in out.iterdir() if p.name != "config.yaml") == ["checkpoint-000002.dcp", "last.json"]

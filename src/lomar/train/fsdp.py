@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from lomar.checkpoints.file_names import LAST_POINTER
-from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
+from lomar.checkpoints.io import atomic_save, refuse_link, remove_tree, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, refusal, safe_planner, safe_reader
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
-from lomar.train.run_state import checkpoints_to_prune, save_error
+from lomar.train.run_state import checkpoints_to_prune, point_last_at, save_error
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "save_run_checkpoint"]
 
@@ -220,7 +218,7 @@ def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta
     path = save_sharded(model, optimizer, out / f"checkpoint-{step:06d}.dcp", meta)
     if dist.get_rank() == 0:
         # The pointer is written after the folder is complete: it never names a partial checkpoint.
-        atomic_write_text(out / LAST_POINTER, json.dumps({"checkpoint": path.name, "step": step}) + "\n")
+        point_last_at(out, path, step)
         for old in checkpoints_to_prune(list(out.glob("checkpoint-*.dcp")), keep_last):
             if old.name != path.name:
                 remove_tree(old, ignore_errors=True)

@@ -11,6 +11,7 @@ consolidated model (no optimizer) for export.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -47,7 +48,8 @@ from lomar.values import brief, is_integer
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "remove_stale_temporaries", "clear_stale_temporaries", "temporaries", "checkpoint_number", "checkpoint_step",
            "training_step", "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints",
-           "check_out_folder", "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
+           "check_out_folder", "read_meta", "point_last_at", "newest_state", "refuse_held_run", "prepare_run_folder",
+           "save_error"]
 
 log = logging.getLogger("lomar.train")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -177,6 +179,12 @@ def checkpoint_step(path: Path) -> int | None:
     return None if ckpt is None else training_step(path, ckpt)
 
 
+def point_last_at(out: Path, checkpoint: Path, step: int) -> None:
+    """``OUT/last.json``, a sharded run's pointer to its newest ``checkpoint-N.dcp`` (as
+    :func:`~lomar.checkpoints.run_folder.sharded_checkpoint` reads it): ``checkpoint``, at ``step``."""
+    atomic_write_text(Path(out) / LAST_POINTER, json.dumps({"checkpoint": Path(checkpoint).name, "step": step}) + "\n")
+
+
 def newest_state(out: Path) -> Path:
     """Where a run's newest resumable state is said to be: the folder ``last.json`` names (a sharded run), else
     ``last.pt``."""
@@ -214,12 +222,20 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
     """After an explicit rewind: drop what was written past ``step``: checkpoints, ``outputs`` files whose name
     carries a later step (``reconstruction-000402.png``), the ``final`` files of the run's end (its export). A
     ``last.pt`` past it becomes a copy of ``resume``: a run dying before its first checkpoint would leave the
-    dropped steps newest, for --resume auto to take up again."""
+    dropped steps newest, for --resume auto to take up again. A sharded ``resume`` (``checkpoint-N.dcp``) becomes what
+    ``last.json`` names, and a ``last.pt`` past it (consolidated at a stop or the end) goes: the run's end, and a
+    reader of the folder, would take a dropped step's state."""
     for name in final:
         (out / name).unlink(missing_ok=True)
-    if resume is not None and resume.is_file() and (checkpoint_step(last := out / LAST) or 0) > step:
+    last = out / LAST
+    if resume is not None and resume.is_file() and (checkpoint_step(last) or 0) > step:
         with open(resume, "rb") as source:
             atomic_write(last, lambda handle: shutil.copyfileobj(source, handle))
+    if resume is not None and resume.is_dir():
+        if (pointed := sharded_checkpoint(out)) is not None and (checkpoint_number(pointed.name) or 0) > step:
+            point_last_at(out, resume, step)
+        if ((read_state(last) or {}).get("step") or 0) > step:  # consolidated: no optimizer, so no checkpoint_step
+            last.unlink()
     for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
         number = checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
         if number is not None and number > step:
