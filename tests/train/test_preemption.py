@@ -87,3 +87,24 @@ def test_the_ctrl_c_line_is_the_first_process_of_a_machines_and_not_a_sigterms(m
             flag.restore()
         assert flag.signal == sent
     assert capfd.readouterr().err == ""
+
+
+def test_a_ctrl_c_after_the_training_is_done_is_answered_with_what_the_run_still_does(tmp_path, image_dir, monkeypatch,
+                                                                                     capfd):
+    """Past the last step there is no step to end and nothing stops: the run finishes its last checkpoint, evaluation
+    and export, the same Ctrl-C's line says so."""
+    from helpers import pretrain  # the tests' own helpers, as test_engine takes them
+    from lomar.train import lifecycle
+
+    evaluate_end = lifecycle.evaluate_end
+
+    def interrupted(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return evaluate_end(run)
+
+    monkeypatch.setattr(lifecycle, "evaluate_end", interrupted)
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "run"), "--max-steps", "1") == 0
+    assert ("lomar pretrain: Ctrl-C: the training is done; finishing the run's last checkpoint, evaluation and files "
+            "(Ctrl-C again stops at once, without them)\n") in capfd.readouterr().err
+    assert (tmp_path / "run" / "encoder.safetensors").is_file()

@@ -323,6 +323,7 @@ class _Run:
         return metrics
 
     def _finish(self, preempted: bool) -> int:
+        self.stop.ending = True
         path = self.save()
         if not preempted:
             evaluate_end(self)

@@ -111,6 +111,7 @@ class StopFlag:
     def __init__(self, time_limit: float | None = None, started: float | None = None, command: str = ""):
         self.signal: int | None = None
         self.command = command  # the lomar command whose run this is, for the line a Ctrl-C gets at once
+        self.ending = False  # set once the training is done: a Ctrl-C then has no step to end, only the run's end
         self.previous: dict = {}
         self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
         started = started if started is not None else take_command_start()
@@ -222,11 +223,13 @@ class StopFlag:
                 # said now: the step, the save and the figures take seconds to minutes, in which a silent terminal
                 # invites a second Ctrl-C. os.write: a print here could land inside a write to the same stream
                 said = " ".join(filter(None, ("lomar", self.command)))
+                what = ("the training is done; finishing the run's last checkpoint, evaluation and files (Ctrl-C "
+                        "again stops at once, without them)" if self.ending else "saving a checkpoint at the end of "
+                        "this step, then stopping (Ctrl-C again stops at once, without it)")
                 # an exception here would be raised inside the step: a stderr gone (`2>&1 | tee log`, whose tee the
                 # same Ctrl-C ended) must not cost the checkpoint
                 with contextlib.suppress(OSError):
-                    os.write(2, f"{said}: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C "
-                                f"again stops at once, without it)\n".encode())
+                    os.write(2, f"{said}: Ctrl-C: {what}\n".encode())
             previous = self.previous.get(signal.SIGINT)
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
