@@ -21,14 +21,15 @@ def _splits(root, train: dict[str, int], val: dict[str, int]):
 
 def test_an_empty_training_class_folder_is_no_class_in_either_split_wherever_it_sorts(tmp_path, caplog):
     # "aa" sorts first, "zz" last: neither may shift an index or leave an output never trained on
-    root = _splits(tmp_path, {"aa": 0, "cat": 2, "dog": 1, "zz": 0}, {"aa": 0, "cat": 1, "dog": 1, "zz": 0})
+    # "yak": an empty val folder of no training class, no class either
+    root = _splits(tmp_path, {"aa": 0, "cat": 2, "dog": 1, "zz": 0}, {"aa": 0, "cat": 1, "dog": 1, "yak": 0})
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
         train, val = (loader.dataset for loader in knn_loaders(root, workers=0))
     assert train.classes == val.classes == ["cat", "dog"]
     assert train.targets == [0, 0, 1] and val.targets == [0, 1]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{root / 'train'}: 2 class folder(s) without an image, e.g. {root / 'train' / 'aa'}: no class (in "
-        f"{root / 'val'} too); add its images or remove the folder"]
+        f"{root / 'train'}: 3 class folder(s) without a training image, e.g. {root / 'train' / 'aa'}: no class, in "
+        f"{root / 'val'} too; add its images or remove the folder"]
 
 
 def test_a_held_out_folder_without_an_image_stays_a_class_without_a_sample(tmp_path, caplog):

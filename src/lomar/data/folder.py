@@ -285,11 +285,11 @@ class LabelledImageFolder(Dataset):
 
     def drop_classes(self, names: Sequence[str]) -> None:
         """Leave out the class folders ``names``, which hold no image here: the others' labels close up."""
-        keep = [name for name in self.classes if name not in set(names)]
-        index = np.array([keep.index(name) if name in keep else -1 for name in self.classes], dtype=np.int64)
-        self.labels = index[self.labels]
-        self.classes, self.class_to_idx = keep, {name: i for i, name in enumerate(keep)}
-        self.empty = [name for name in self.empty if name in keep]
+        dropped = frozenset(names)
+        keep = [name for name in self.classes if name not in dropped]
+        self.class_to_idx = {name: i for i, name in enumerate(keep)}
+        self.labels = np.array([self.class_to_idx.get(name, -1) for name in self.classes], dtype=np.int64)[self.labels]
+        self.classes, self.empty = keep, [name for name in self.empty if name not in dropped]
 
     def match_classes(self, val: LabelledImageFolder) -> None:
         """Give this training split and ``val`` one class list, by the one rule of every classification command: a
@@ -303,14 +303,17 @@ class LabelledImageFolder(Dataset):
                         if a.resolve().is_relative_to(b.resolve())), "through links"), val.folders[min(common)][1]
             log.warning("%s and %s share %d folder(s) %s, e.g. %s: their images are trained on and scored; give the "
                         "held-out split images of its own", self.root, val.root, len(common), *shared)
-        if taught := [name for name in self.empty if name in val.classes and name not in val.empty]:
-            raise ValueError(f"{self.root / taught[0]} holds no image, {val.root / taught[0]} holds some: a class with "
-                             f"nothing to learn from; add its training images, or remove both folders")
-        if self.empty:  # ImageFolder refuses the split: an empty folder is what a class made ahead of its images is
-            log.warning("%s: %d class folder(s) without an image, e.g. %s: no class (in %s too); add its images or "
-                        "remove the folder", self.root, len(self.empty), self.root / self.empty[0], val.root)
-            val.drop_classes([name for name in self.empty if name in val.classes])
-            self.drop_classes(self.empty)
+        if untaught := [name for name in self.empty if name in val.classes and name not in val.empty]:
+            raise ValueError(f"{self.root / untaught[0]} holds no image, {val.root / untaught[0]} holds some: a class "
+                             f"with nothing to learn from; add its training images, or remove both folders")
+        # an empty val folder of no training class is no class either (as in relabel); not refused, as ImageFolder
+        # refuses any empty class folder: a folder made ahead of its images is common, and said by name
+        if gone := sorted({*self.empty, *(name for name in val.empty if name not in self.classes)}):
+            log.warning("%s: %d class folder(s) without a training image, e.g. %s: no class, in %s too; add its "
+                        "images or remove the folder", self.root, len(gone),
+                        (self.root if gone[0] in self.empty else val.root) / gone[0], val.root)
+            val.drop_classes([name for name in gone if name in val.classes])
+            self.drop_classes([name for name in gone if name in self.classes])
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
