@@ -17,6 +17,7 @@ from lomar.checkpoints import formats
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import create_encoder, expected_shapes, read_export
 from lomar.checkpoints.io import atomic_save, atomic_write_text
+from lomar.checkpoints.peek import holds_beit
 from lomar.cli.app import main
 from lomar.errors import UsageError
 
@@ -159,7 +160,7 @@ def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_
     beit = tmp_path / "beit"
     export_beit_encoder(BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                         vocab_size=16)), beit)
-    assert formats.holds_beit(beit / "encoder.safetensors")
+    assert holds_beit(beit / "encoder.safetensors")
 
 
 def test_a_run_folder_without_an_export_is_read_as_its_best_pt(tmp_path, capsys):

@@ -12,9 +12,9 @@ from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export_leftovers import writer_tag
 from lomar.checkpoints.file_names import RUN_ENCODER
-from lomar.checkpoints.formats import peek_encoder
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, PRETRAIN_FORMAT
+from lomar.checkpoints.peek import peek_encoder
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.predict import load_trained
 

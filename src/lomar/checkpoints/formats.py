@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lomar.checkpoints.formats_beit  # noqa: F401  registers BEiT's readers
 import lomar.checkpoints.formats_dense  # noqa: F401  registers the dense models' reader
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import export_set_aside, readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
-from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
@@ -55,8 +55,7 @@ from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import command_line, is_size
 
-__all__ = ["read", "identify", "VitReader", "holds_beit", "peek_encoder", "load_model", "encoder_weights",
-           "saved_class_names"]
+__all__ = ["read", "identify", "VitReader", "load_model", "encoder_weights", "saved_class_names"]
 
 # An encoder's settings that no weight fixes, which a caller may choose for a checkpoint that saved its ViTConfig
 # too (``window_size`` is LoMaR's K among load_model's overrides, not the ViTDet windows a classifier saved).
@@ -345,41 +344,10 @@ def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
                      f"(lomar pretrain / finetune / export) or an original LoMaR / MAE / BEiT checkpoint")
 
 
-def holds_beit(path: str | Path) -> bool:
-    """Whether ``path`` holds a BEiT encoder (False for one that cannot be read: it is reported where it is read)."""
-    for mmap in (True, False):  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
-        try:
-            return isinstance(read(path, mmap=mmap)[0], BEiTReader)
-        except (OSError, ValueError, RuntimeError):
-            continue
-    return False
-
-
 def saved_class_names(src: Source) -> object:
     """The names of a classifier's head rows as its file saved them (a ``lomar finetune`` checkpoint's ``classes``, an
     export's ``label_names``, checked by :func:`~lomar.checkpoints.export.read_export`), None where it saved none."""
     return read_export(src.path).classes if src.format == ExportReader.name else src.data.get("classes")
-
-
-def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
-    """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
-    shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
-    checkpoint, one in no format: the full read reports it), so that a caller can refuse an encoder it cannot use
-    before reading one."""
-    path = readable_file(Path(path))  # read as load_pretrained_encoder reads it
-    if path.is_dir() and (path / ".metadata").is_file():
-        return None
-    try:
-        reader, src = read(path, mmap=True)
-        kind = "beit" if isinstance(reader, BEiTReader) else "vit"
-        if not src.state:  # an export folder
-            args = json.loads((src.path / CONFIG_NAME).read_text()).get("model_args")
-            patch = args.get("patch_size") if isinstance(args, dict) else None
-            return kind, patch if isinstance(patch, int) else None
-    except (OSError, ValueError, RuntimeError, RecursionError, AttributeError):
-        return None
-    stem = next((v for k, v in src.state.items() if k.endswith("patch_embed.proj.weight") and v.ndim == 4), None)
-    return kind, int(stem.shape[-1]) if stem is not None else None
 
 
 def load_model(path: str | Path, **overrides) -> nn.Module:

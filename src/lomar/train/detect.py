@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from lomar.checkpoints.formats import holds_beit
 from lomar.checkpoints.io import atomic_write_text
 from lomar.checkpoints.kinds import DETECT_FORMAT, FoundCheckpoint
+from lomar.checkpoints.peek import holds_beit
 from lomar.data.coco import (
     CocoSplit,
     collate_detection,

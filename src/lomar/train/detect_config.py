@@ -181,7 +181,7 @@ class DetectConfig(TaskConfig):
 def _check_backbone(pretrained: str) -> None:
     """Refuse an encoder the detector cannot use from its config or weight shapes, before the run reads its weights
     (seconds for a large file) and the COCO files."""
-    from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
+    from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
 
     kind, patch = peek_encoder(pretrained) or ("vit", None)
     if kind == "beit":

@@ -229,7 +229,7 @@ def _check_aa_sections(aa: str) -> None:
 
 
 def _is_beit(pretrained: str) -> bool:
-    from lomar.checkpoints.formats import holds_beit  # torch: not for --help
+    from lomar.checkpoints.peek import holds_beit  # torch: not for --help
 
     return holds_beit(pretrained)
 

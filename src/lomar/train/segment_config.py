@@ -172,7 +172,7 @@ class SegmentConfig(TaskConfig):
 def pretrained_patch(pretrained: str) -> int | None:
     """The --pretrained encoder's patch size, told from its config or weight shapes before its weights or the data
     are read (None where they cannot tell), so that --img-size is checked against it before either."""
-    from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
+    from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
 
     return (peek_encoder(pretrained) or ("vit", None))[1]
 
