@@ -60,7 +60,8 @@ def test_a_classifiers_held_out_folder_without_an_image_that_it_does_not_name_is
 
 def test_one_class_with_images_beside_empty_ones_is_not_two_classes(tmp_path):
     root = _splits(tmp_path, {"cat": 2, "dog": 0}, {"cat": 1, "dog": 0})
-    with pytest.raises(ValueError, match=r"holds one class folder with images \(cat\); a classifier needs at least two"):
+    with pytest.raises(ValueError, match=r"holds one class folder with images \(cat\); a classifier needs at least "
+                                         r"two"):
         knn_loaders(root, workers=0)
     with pytest.raises(ValueError, match=r"holds one class folder with images \(cat\), and 1 class folder without an "
                                          r"image; a classifier needs at least two"):
