@@ -31,7 +31,7 @@ def test_the_start_line_counts_the_split_and_this_process_share_of_it():
     assert "; ViT 32 wide, 1 block, 32 px, 0.0M params" in FinetuneTask.describe(stub)
 
 
-def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot():
+def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot(tmp_path):
     """Runs before thumbnail caches stopped being classes hold '@eaDir' among their classes: the data did not
     change, so 'resume with the data it started with' would send the user looking for a change that is not theirs."""
     from types import SimpleNamespace
@@ -39,7 +39,7 @@ def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot():
     from lomar.errors import UsageError
     from lomar.train.finetune import FinetuneTask
 
-    stub = SimpleNamespace(classes=["cat", "dog"])
+    stub = SimpleNamespace(classes=["cat", "dog"], config=SimpleNamespace(data=str(tmp_path), train=None, val=None))
     with pytest.raises(UsageError, match=r"^--resume: the checkpoint has a class of thumbnails \(@eaDir\), which lomar "
                                          r"now leaves out of the class folders; its scores counted them: start a new "
                                          r"run$"):
@@ -47,6 +47,28 @@ def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot():
     with pytest.raises(UsageError, match="only in the checkpoint: \\['owl'\\]"):
         FinetuneTask.load(stub, {"classes": ["cat", "dog", "owl"]})
     FinetuneTask.load(stub, {"classes": ["cat", "dog"]})
+
+
+def test_resuming_a_run_that_kept_an_empty_training_folder_as_a_class_names_the_folder_and_the_fix(tmp_path):
+    """A checkpoint whose classes hold a training folder without an image (an output never trained on) meets data
+    that is unchanged, read by the rule that such a folder is no class: 'resume with the data it started with'
+    would send the user looking for a change that is not theirs."""
+    from types import SimpleNamespace
+
+    from lomar.errors import UsageError
+    from lomar.train.finetune import FinetuneTask
+
+    for name in ("aa", "cat", "dog", ".ipynb_checkpoints"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    stub = SimpleNamespace(classes=["cat", "dog"], config=SimpleNamespace(data=str(tmp_path), train=None, val=None))
+    with pytest.raises(UsageError, match=f"^--resume: the checkpoint has a class whose training folder holds no image "
+                                         f"\\({tmp_path / 'train' / 'aa'}\\), an output it never trained on; a class "
+                                         f"folder without a training image is no class: start a new run \\(another "
+                                         f"--out\\), or give the folder its training images and resume$"):
+        FinetuneTask.load(stub, {"classes": ["aa", "cat", "dog"]})
+    for other in (["cat", "dog", "owl"], [".ipynb_checkpoints", "cat", "dog"]):  # no folder; a folder passed over
+        with pytest.raises(UsageError, match="resume with the data it started with"):
+            FinetuneTask.load(stub, {"classes": other})
 
 
 @pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])

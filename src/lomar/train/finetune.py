@@ -31,7 +31,7 @@ from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.decode import THUMBNAIL_FOLDERS
+from lomar.data.decode import THUMBNAIL_FOLDERS, passed_over_folder
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
@@ -228,6 +228,15 @@ class FinetuneTask(Task):
             if only[1] == "none" and all(name.startswith(THUMBNAIL_FOLDERS) for name in only[0]):
                 raise UsageError(f"--resume: the checkpoint has a class of thumbnails ({only[0][0]}), which lomar now "
                                  f"leaves out of the class folders; its scores counted them: start a new run")
+            # the data it started with, read by the rule that a training folder without an image is no class
+            # (LabelledImageFolder.match_classes): 'resume with the data it started with' would not be the fix
+            train = split_roots(self.config)[0]
+            if only[1] == "none" and only[0] != "none" and all(
+                    (train / name).is_dir() and not passed_over_folder(name) for name in only[0]):
+                raise UsageError(f"--resume: the checkpoint has a class whose training folder holds no image "
+                                 f"({train / only[0][0]}), an output it never trained on; a class folder without a "
+                                 f"training image is no class: start a new run (another --out), or give the folder "
+                                 f"its training images and resume")
             raise UsageError(f"--resume: the checkpoint's class folders differ from the data's (only in the "
                              f"checkpoint: {only[0]}, only in the data: {only[1]}); resume with the data it started "
                              f"with{unicode_forms_note(saved, self.classes)}")
