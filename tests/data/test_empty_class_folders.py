@@ -29,7 +29,18 @@ def test_an_empty_training_class_folder_is_no_class_in_either_split_wherever_it_
     assert train.targets == [0, 0, 1] and val.targets == [0, 1]
     assert [r.getMessage() for r in caplog.records] == [
         f"{root / 'train'}: 3 class folder(s) without a training image, e.g. {root / 'train' / 'aa'}: no class, in "
-        f"{root / 'val'} too; add its images or remove the folder"]
+        f"{root / 'val'} too; add its training images or remove the folder"]
+
+
+def test_an_empty_held_out_folder_of_no_training_class_is_told_to_get_training_images(tmp_path, caplog):
+    """Images added to the folder named, val/yak, would make it a class only val holds, which is refused."""
+    root = _splits(tmp_path, {"cat": 1, "dog": 1}, {"cat": 1, "dog": 1, "yak": 0})
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        train, val = (loader.dataset for loader in knn_loaders(root, workers=0))
+    assert train.classes == val.classes == ["cat", "dog"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'train'}: 1 class folder(s) without a training image, e.g. {root / 'val' / 'yak'}: no class, in "
+        f"{root / 'val'} too; add its training images or remove the folder"]
 
 
 def test_a_held_out_folder_without_an_image_stays_a_class_without_a_sample(tmp_path, caplog):

@@ -310,7 +310,7 @@ class LabelledImageFolder(Dataset):
         # refuses any empty class folder: a folder made ahead of its images is common, and said by name
         if gone := sorted({*self.empty, *(name for name in val.empty if name not in self.classes)}):
             log.warning("%s: %d class folder(s) without a training image, e.g. %s: no class, in %s too; add its "
-                        "images or remove the folder", self.root, len(gone),
+                        "training images or remove the folder", self.root, len(gone),
                         (self.root if gone[0] in self.empty else val.root) / gone[0], val.root)
             val.drop_classes([name for name in gone if name in val.classes])
             self.drop_classes([name for name in gone if name in self.classes])
