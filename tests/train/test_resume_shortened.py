@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import shutil
+from types import SimpleNamespace
 
 from toy_run import ToyConfig, ToyTask
 
 from helpers import pretrain
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.lr_schedule import lr_at_whole_steps
 from lomar.train.lifecycle import run
+from lomar.train.schedule import shortened_warning, warmup_warning
 
 
 def test_a_pretraining_resumed_with_a_smaller_max_steps_is_told_its_schedule_is_the_runs(pretrained, tmp_path,
@@ -41,3 +44,13 @@ def test_a_resume_that_keeps_or_moves_the_runs_end_later_is_not_told(tmp_path, c
         capsys.readouterr()
         assert run(config, ToyTask) == 0
         assert ("ends this resumed run" in capsys.readouterr().err) == told, (given, was)
+
+
+def test_a_resume_stopping_at_the_peak_of_beits_whole_step_warm_up_is_told():
+    """BEiT's warm-up of 2.4 steps peaks at step 2 (whole steps): a resume stopping there is past the warm-up's peak,
+    which the warm-up warning leaves unsaid, and far from the schedule's end."""
+    config = SimpleNamespace(max_steps=2, epochs=6, warmup_steps=None, schedule_steps=24)
+    told = shortened_warning(2, 24, 24.0, 2.4, 1e-3, 0.0, lr_at_whole_steps, config, 4)
+    assert told is not None and "the run stops with the lr at 0.001 (1 x the peak 0.001)" in told
+    assert warmup_warning(2, 24.0, 2.4, 1e-3, 0.0, lr_at_whole_steps, config=config, resumed=True) is None
+    assert shortened_warning(2, 24, 24.0, 3, 1e-3, 0.0, None, config, 4) is None  # below the peak: warmup_warning's

@@ -73,10 +73,13 @@ def shortened_warning(last_step: int, set_end: float, total_steps: float, warmup
     """What to tell a resumed run whose ``--max-steps`` or ``--epochs`` (``config``'s, at ``steps_per_epoch``) end it at
     ``last_step``, before ``set_end`` where the run was set to end and before its lr schedule's end: the schedule is
     the run's own (``schedule_steps`` is fixed, the end run-control), so it stops with the lr mid-schedule, not
-    annealed. None where it ends at or past either, or inside its warm-up (:func:`warmup_warning`'s)."""
-    if last_step >= min(set_end, total_steps) or last_step < warmup_steps:
+    annealed. None where it ends at or past either, or below the peak inside its warm-up (:func:`warmup_warning`'s;
+    BEiT's whole-step warm-up peaks up to a step before ``warmup_steps``, where that says nothing)."""
+    if last_step >= min(set_end, total_steps):
         return None
     lr = (schedule or lr_at)(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
+    if last_step < warmup_steps and lr < base_lr * (1 - 1e-9):
+        return None
     by_steps = config.max_steps == last_step
     by = f"{setting_named(config, 'max_steps')} {last_step}" if by_steps else \
         f"{setting_named(config, 'epochs')} {config.epochs}"
