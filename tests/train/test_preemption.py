@@ -108,3 +108,40 @@ def test_a_ctrl_c_after_the_training_is_done_is_answered_with_what_the_run_still
     assert ("lomar pretrain: Ctrl-C: the training is done; finishing the run's last checkpoint, evaluation and files "
             "(Ctrl-C again stops at once, without them)\n") in capfd.readouterr().err
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
+
+
+def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_its_checkpoint(monkeypatch, capfd):
+    """A terminal's Ctrl-C reaches torchrun, which passes it on and kills its processes 30 s later (its
+    --shutdown-timeout): a step of about a minute lost the checkpoint the line promised (2 gloo processes, checked).
+    The line says so where the run's own step and save take that long, and only there."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+
+    def said(steps, save, torchrun=True, grace=None) -> str:
+        for name, value in (("TORCHELASTIC_RUN_ID", "run" if torchrun else None),
+                            ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", grace)):
+            monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+        flag = StopFlag(command="pretrain")
+        flag.steps.extend(steps)
+        flag.save_s = save
+        try:
+            flag.install()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        finally:
+            flag.restore()
+        return capfd.readouterr().err
+
+    promise = ("lomar pretrain: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops "
+               "at once, without it)")
+    assert said([20.0, 58.2, 40.0], 6.4) == (
+        f"{promise}; but torchrun kills its processes 30 s after a Ctrl-C (its --shutdown-timeout's default) and a "
+        f"step and a save take about 1m5s here: unless it was launched with a --shutdown-timeout over 65, the "
+        f"checkpoint may be lost\n")
+    assert said([58.2], 6.4, grace="45") == (
+        f"{promise}; but torchrun kills its processes 45 s after a Ctrl-C (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and a step "
+        f"and a save take about 1m5s here: unless it was launched with a --shutdown-timeout over 65, the checkpoint "
+        f"may be lost\n")
+    assert said([58.2], 6.4, grace="300") == said([1.5], 6.4) == said([58.2], 6.4, torchrun=False) == promise + "\n"

@@ -225,13 +225,37 @@ class StopFlag:
                 said = " ".join(filter(None, ("lomar", self.command)))
                 what = ("the training is done; finishing the run's last checkpoint, evaluation and files (Ctrl-C "
                         "again stops at once, without them)" if self.ending else "saving a checkpoint at the end of "
-                        "this step, then stopping (Ctrl-C again stops at once, without it)")
+                        "this step, then stopping (Ctrl-C again stops at once, without it)" + self._torchrun_kill())
                 # an exception here would be raised inside the step: a stderr gone (`2>&1 | tee log`, whose tee the
                 # same Ctrl-C ended) must not cost the checkpoint
                 with contextlib.suppress(OSError):
                     os.write(2, f"{said}: Ctrl-C: {what}\n".encode())
             previous = self.previous.get(signal.SIGINT)
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _torchrun_kill(self) -> str:
+        """What a Ctrl-C's line adds under torchrun when a step and the save take longer than torchrun waits for its
+        processes: a terminal's Ctrl-C reaches torchrun alone (its processes run in sessions of their own), which
+        passes it on and kills them that many seconds later, before the checkpoint."""
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            return ""
+        grace, said = _TORCHRUN_GRACE_S, "its --shutdown-timeout's default"
+        for name in _TORCHRUN_GRACE_VARIABLES:
+            if os.environ.get(name, "").strip().isdigit():
+                grace, said = int(os.environ[name]), name
+                break
+        step = max(self.steps) if self.steps else self.first_step or 0.0
+        needed = step + (self.save_s or 0.0)
+        if needed < grace:
+            return ""
+        return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}) and a step and a save take "
+                f"about {duration_text(needed)} here: unless it was launched with a --shutdown-timeout over "
+                f"{math.ceil(needed)}, the checkpoint may be lost")
+
+
+# torchrun's wait between passing a stop signal on to its processes and killing them: its --shutdown-timeout (an
+# option of recent PyTorch: 2.14.1 has it) or else these variables (in this order), else 30 s, fixed in older releases
+_TORCHRUN_GRACE_S, _TORCHRUN_GRACE_VARIABLES = 30, ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
