@@ -1,5 +1,5 @@
-"""`lomar detect`'s score: an end-to-end run whose predictions.json pycocotools re-scores to the AP lomar reported
-(and --eval-only scores alike), COCOeval on the annotation file as written, and a score over part of the validation
+"""`lomar detect`'s score: an end-to-end run whose predictions.json holds the detector's own detections and
+pycocotools re-scores to the AP lomar reported (and --eval-only detects and scores alike), COCOeval on the annotation file as written, and a score over part of the validation
 split (an unreadable image left out, not counted as missed) that says so."""
 
 from __future__ import annotations
@@ -41,6 +41,61 @@ def _rescore(ann_file, predictions: list[dict]) -> dict[str, float | None]:
     return out
 
 
+def _recorded_detections(monkeypatch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The (image, output) of every image a ViTMaskRCNN evaluates from here on, each output's masks pasted at the
+    image's size: the detector's own detections, as its forward returns them."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from lomar.models.mask_rcnn import ViTMaskRCNN
+
+    recorded, own = [], ViTMaskRCNN.forward
+
+    def forward(self, images, targets=None):
+        outputs = own(self, images, targets)
+        if not self.training:
+            for image, output in zip(images, outputs):
+                output = {k: v.detach().clone() for k, v in output.items()}
+                if not self.transform.paste_masks:  # the mask head's (N, 1, 28, 28) over the boxes: torchvision's paste
+                    output["masks"] = paste_masks_in_image(output["masks"], output["boxes"], tuple(image.shape[-2:]))
+                recorded.append((image.clone(), output))
+        return outputs
+
+    monkeypatch.setattr(ViTMaskRCNN, "forward", forward)
+    return recorded
+
+
+def _assert_written_as_detected(predictions: list[dict], detections: list, ann: Path, images: Path) -> None:
+    """``predictions`` are, in COCO's terms, the ``detections`` (:func:`_recorded_detections`) of each image of the
+    split (``ann``, ``images``), told apart by its pixels: as many per image, in their order, each with the category
+    id of its label (label k: the k-th smallest id), its xyxy box as [x, y, w, h], its score and its mask cut at 0.5.
+    What a rescoring cannot tell apart where the AP of a detector two steps trained is about 0 whatever it finds."""
+    from pycocotools import mask as mask_utils
+
+    from lomar.data.decode import load_image
+
+    split = json.loads(ann.read_text())
+    ids = sorted(c["id"] for c in split["categories"])
+    written: dict[int, list[dict]] = {}
+    for p in predictions:
+        written.setdefault(p["image_id"], []).append(p)
+    assert sorted(written) == sorted(image["id"] for image in split["images"]) and len(detections) == len(written)
+    masks = []
+    for image in split["images"]:
+        pixels = eval_transforms()(load_image(images / image["file_name"]))
+        [output] = [output for seen, output in detections if torch.equal(seen, pixels)]
+        got, boxes = written[image["id"]], output["boxes"]
+        assert len(got) == len(boxes), (image["id"], len(got), len(boxes))
+        assert [p["category_id"] for p in got] == [ids[label - 1] for label in output["labels"].tolist()]
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+        assert torch.allclose(torch.tensor([p["bbox"] for p in got]), xywh, rtol=0, atol=1e-3), image["id"]
+        assert torch.allclose(torch.tensor([p["score"] for p in got]), output["scores"], rtol=0, atol=1e-6)
+        rles = mask_utils.decode([p["segmentation"] for p in got]).transpose(2, 0, 1)
+        assert (rles == (output["masks"][:, 0] > 0.5).numpy()).all(), image["id"]
+        masks.append({m.tobytes() for m in rles})
+    # masks that tell detections and images apart: one of another detection's, or another image's, is seen
+    assert all(len(m) > 10 for m in masks) and all(a != b for a, b in zip(masks, masks[1:])), [len(m) for m in masks]
+
+
 @pytest.mark.slow
 def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path, capsys, monkeypatch,
                                                                   eval_proposals):
@@ -48,6 +103,7 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     # evaluations at 200 region proposals an image, not 1000: still 100 detections on each of the 3 images (the
     # detector's cap, which the scoring and the written predictions must cut alike), 88-93 at 100 proposals
     eval_proposals(200)
+    detections = _recorded_detections(monkeypatch)
     out = tmp_path / "run"
     data = ["--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
             "--val-images", str(val_images)]
@@ -69,6 +125,7 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(predictions[0])
     assert {p["category_id"] for p in predictions} <= {3, 7}
+    _assert_written_as_detected(predictions, detections, val_ann, val_images)
     rescored = _rescore(val_ann, predictions)
     for key, value in rescored.items():
         assert (metrics[key] is None) == (value is None), key
@@ -86,6 +143,8 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     monkeypatch.undo()
     assert "96 px input" in capsys.readouterr().err  # the detector's own size, not the 1024 default
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
+    # the detections of the saved detector are the run's, to the last digit and mask pixel
+    assert json.loads((evaluated / "predictions.json").read_text()) == predictions
     assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored} and again["img_size"] == 96
     # which file of the run was scored, and at which step (a run folder gives its best.pt, else last.pt)
     assert again["checkpoint"] == str(out / "last.pt") and again["step"] == 2
