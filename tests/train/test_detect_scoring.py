@@ -1,6 +1,7 @@
 """`lomar detect`'s score: an end-to-end run whose predictions.json holds the detector's own detections and
-pycocotools re-scores to the AP lomar reported (and --eval-only detects and scores alike), COCOeval on the annotation file as written, and a score over part of the validation
-split (an unreadable image left out, not counted as missed) that says so."""
+pycocotools re-scores to the AP lomar reported (and --eval-only detects and scores alike), COCOeval on the annotation
+file as written, and a score over part of the validation split (an unreadable image left out, not counted as missed)
+that says so."""
 
 from __future__ import annotations
 
