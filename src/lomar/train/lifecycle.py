@@ -39,7 +39,7 @@ from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_worker
 from lomar.train.process_count import other_processes, other_processes_note
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
-from lomar.train.run_lines import announce, report_end, say_notes
+from lomar.train.run_lines import announce, record_evaluation, report_end, say_notes
 from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
@@ -308,18 +308,7 @@ class _Run:
             raise failure or TrainingError("another process's evaluation failed; see its error")
         if metrics:
             self.evaluated_step = self.p.step
-            extra = {"partial": True} if self.p.batches_done else {}
-            if seconds is not None:
-                extra["epoch_s"] = round(seconds, 2)
-            metric = self.task.best_metric
-            if metrics.get(metric) is not None and not self.p.batches_done:  # None: nothing was scored
-                extra[f"best_{metric}"] = max(self.best, metrics[metric])
-            ended = bool(self.p.epoch) and not self.p.batches_done
-            index = self.p.epoch - 1 if ended else self.p.epoch  # 0-based, as the step lines count epochs
-            # the printed line names the epoch as the step lines do, whichever count the record keeps
-            at = f"end of epoch {index}" if ended else f"epoch {index}"
-            epoch = index if self.task.eval_epoch_index else self.p.epoch
-            self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra, at)
+            record_evaluation(self, metrics, seconds)
         return metrics
 
     def _finish(self, preempted: bool) -> int:

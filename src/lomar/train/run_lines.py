@@ -1,7 +1,7 @@
-"""What a run tells the user at its start (the start-up line, its notes and warning) and at its end (the final line,
-or where a stopped run left its checkpoint). The lines of what the run does are on stdout, its notes and warnings on
-stderr (``lomar CMD: note: ...``), so that a program reading stdout gets the run's own lines alone. ``trainer``:
-lomar.train.lifecycle's ``_Run``, its state read as it is."""
+"""What a run tells the user at its start (the start-up line, its notes and warning), at each evaluation (its line
+and record) and at its end (the final line, or where a stopped run left its checkpoint). The lines of what the run
+does are on stdout, its notes and warnings on stderr (``lomar CMD: note: ...``), so that a program reading stdout gets
+the run's own lines alone. ``trainer``: lomar.train.lifecycle's ``_Run``, its state read as it is."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lomar.train.schedule import shortened_warning, warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
-__all__ = ["announce", "report_end", "say_notes"]
+__all__ = ["announce", "record_evaluation", "report_end", "say_notes"]
 
 
 def say_notes(config, name: str, notes: list[str]) -> None:
@@ -70,3 +70,20 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
     say_notes(cfg, name, [note] if note else [])
     print(f"lomar {name}: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
           + (f"; {extra}" if extra else ""), flush=True)
+
+
+def record_evaluation(trainer, metrics: dict, seconds: float | None) -> None:
+    """The line and the metrics.jsonl record of an evaluation's ``metrics`` at the run's position; ``seconds``: the
+    epoch's time, for an evaluation at its end."""
+    p, task = trainer.p, trainer.task
+    extra = {"partial": True} if p.batches_done else {}
+    if seconds is not None:
+        extra["epoch_s"] = round(seconds, 2)
+    metric = task.best_metric
+    if metrics.get(metric) is not None and not p.batches_done:  # None: nothing was scored
+        extra[f"best_{metric}"] = max(trainer.best, metrics[metric])
+    ended = bool(p.epoch) and not p.batches_done
+    index = p.epoch - 1 if ended else p.epoch  # 0-based, as the step lines count epochs
+    # the printed line names the epoch as the step lines do, whichever count the record keeps
+    at = f"end of epoch {index}" if ended else f"epoch {index}"
+    trainer.monitor.evaluation(task.eval_log, p.step, index if task.eval_epoch_index else p.epoch, metrics, extra, at)
