@@ -4,6 +4,8 @@ writes what the end lacks (exports, curves, a missing final evaluation) and noth
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +207,34 @@ def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_fr
     Predicting.stop_in_evaluate = False
     assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting) == 0
     assert (out / "predictions").read_text() == "5"  # step 5's, not "3"
+
+
+class _Predicting(ToyTask):
+    """Each evaluation writes the step it scored to OUT/predictions, as detect's writes its predictions.json."""
+
+    evaluation_outputs = ("predictions",)
+
+    def __init__(self, config, info, device):
+        super().__init__(config, info, device)
+        self.out = Path(config.out)
+
+    def evaluate(self):
+        (self.out / "predictions").write_text(str(self.progress.step))
+        return super().evaluate()
+
+
+def test_a_rewind_leaves_no_later_evaluations_files_beside_its_checkpoint(tmp_path, capsys):
+    # predictions.json (detect) and predictions/ (segment) hold the latest evaluation's detections, which neither the
+    # log nor the checkpoint keeps: a rewind kept the dropped step 8's until the next evaluation, for good at the end
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=4), _Predicting) == 0  # 4 steps an epoch: evaluated at 4
+    shutil.copy(out / "last.pt", out / "checkpoint-000004.pt")
+    assert run(ToyConfig(out=str(out), max_steps=8, resume="auto"), _Predicting) == 0
+    assert (out / "predictions").read_text() == "8"
+    rewind = ToyConfig(out=str(out), max_steps=4, resume=str(out / "checkpoint-000004.pt"), overwrite=True)
+    capsys.readouterr()
+    assert run(rewind, _Predicting) == 0
+    assert (out / "predictions").read_text() == "4"
+    assert "nothing to do, the run is at step 4" in (said := capsys.readouterr().out) and "missing predictions" in said
+    scored = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "score" in r]
+    assert scored == [4]  # evaluated again for its file, not logged twice

@@ -49,6 +49,7 @@ class _Config:
 
 class _Task:
     name, eval_log, outputs, final_outputs = "toy", "knn.jsonl", ("knn.jsonl", "figure.png"), ()
+    evaluation_outputs: tuple[str, ...] = ()
 
 
 def _run_folder(out, step: int, seed: int):
@@ -142,6 +143,21 @@ def test_a_rewind_removes_the_export_of_the_steps_it_drops(tmp_path):
         (out / name).write_text("step 5")
     prepare_run_folder(_Config(str(out), str(out / "last.pt"), False), Exports(), out / "last.pt", 5, 0)
     assert (out / "encoder.safetensors").read_text() == "step 5"
+
+
+def test_a_resume_removes_the_evaluation_files_of_the_steps_its_log_drops(tmp_path):
+    """segment's predictions/ and per_class.md of the evaluation at step 5 stayed beside a run resumed at step 3."""
+    class Segmenting(_Task):
+        evaluation_outputs = ("predictions", "per_class.md")
+
+    out = _run_folder(tmp_path / "run", 5, seed=0)  # knn.jsonl: records without an lr, an evaluation's
+    (out / "predictions").mkdir()
+    (out / "predictions" / "val_0.png").write_text("step 5")
+    (out / "per_class.md").write_text("step 5")
+    prepare_run_folder(_Config(str(out), "auto"), Segmenting(), out / "last.pt", 5, 0)  # nothing dropped: kept
+    assert (out / "per_class.md").exists() and (out / "predictions" / "val_0.png").exists()
+    prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), Segmenting(), out / "x.pt", 3, 0)
+    assert not (out / "per_class.md").exists() and not (out / "predictions").exists()
 
 
 def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):

@@ -100,6 +100,7 @@ class DetectTask(Task):
     """Mask R-CNN training and COCO evaluation (a :class:`~lomar.train.task.Task` of the lifecycle)."""
 
     name, best_metric, outputs = "detect", "box_AP", ("predictions.json",)
+    evaluation_outputs = outputs  # each evaluation of a run writes them: _keep_predictions
     # torchvision's loss names, in the order its Mask R-CNN returns them
     loss_parts = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
     lr_schedule = staticmethod(step_lr)

@@ -32,7 +32,7 @@ from lomar.train.schedule import run_span, schedule_overrun
 from lomar.train.settings_resume import resumed_past_end
 
 __all__ = ["RunEnd", "run_end", "last_step", "config_overrun", "answer_at_end", "missing_outputs", "evaluation_missing",
-           "evaluate_end"]
+           "unwritten_evaluation", "evaluate_end"]
 
 
 class RunEnd(NamedTuple):
@@ -60,6 +60,13 @@ def evaluation_missing(task, config, out: Path, step: int, evaluated_step) -> bo
     ``config``: neither the checkpoint's ``evaluated_step`` nor a record of ``task.eval_log`` says it was made."""
     return evaluated_step != step and task.scores_end(config) and not evaluation_logged(Path(out) / task.eval_log,
                                                                                           step)
+
+
+def unwritten_evaluation(task, out: Path) -> list[str]:
+    """Those of ``task``'s (or its class's) ``evaluation_outputs`` that ``out`` lacks and its log cannot draw again
+    (its ``curves``): only an evaluation of the step writes them (a rewind removed a dropped step's, or they were
+    deleted)."""
+    return [name for name in task.evaluation_outputs if name not in task.curves and not (Path(out) / name).exists()]
 
 
 def last_step(config, steps_per_epoch: int) -> float:
@@ -100,7 +107,8 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
         if config_overrun(config, fewest, world_size, schedule):  # an overrun has schedule_steps
             raise ValueError(overrun)
     if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
-            evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
+            evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")) or \
+            unwritten_evaluation(task_class, out):
         return None
     return RunEnd(step, epoch, per_epoch) if step == last else None
 
@@ -122,6 +130,9 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     score = trainer is not None and any_rank(is_main and evaluation_missing(
         task, config, out, step, trainer.evaluated_step), device)
     missing = [] if trainer is None else missing_outputs(task.final_outputs, out, step)  # unbuilt: run_end found none
+    # the step's evaluation is logged, its files are not: made again for them alone
+    rewrite = trainer is not None and not score and any_rank(is_main and bool(unwritten_evaluation(task, out)), device)
+    unwritten = unwritten_evaluation(task, out) if rewrite else []
     logged = (out / METRICS).is_file()
     curves = [name for name in task.curves if not (out / name).exists()] if logged else []
     # an end cut short after its last checkpoint may have been stopped while it drew them: a curve there can be an
@@ -132,12 +143,15 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
               f"({f'--max-steps {config.max_steps} or ' if config.max_steps else ''}--epochs {config.epochs} of "
               f"{steps_per_epoch} steps{', whichever ends first' if config.max_steps else ''})"
               + (f"; evaluating step {step}, which its end did not" if score else "")
-              + (f"; writing its missing {', '.join(missing + curves)}" if missing or curves else ""), flush=True)
+              + (f"; writing its missing {', '.join(missing + unwritten + curves)}" if missing or unwritten or curves
+                 else ""), flush=True)
     if score:
         _score_end(trainer)
+    elif rewrite:  # every process: an evaluation is collective
+        trainer.task.evaluate()
     # the end of the run was cut short after its last checkpoint; or its last evaluation ran just now: what finish
     # writes from it (segment's per_class.md) was the earlier end's or none
-    if missing or score:
+    if missing or score or rewrite:
         save_on_main_rank(lambda: task.finish(out), is_main, device)
     if drawn and is_main:
         try:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from lomar.checkpoints.io import atomic_write, log_record, open_in_place, read_log
 
-__all__ = ["truncate_metrics", "evaluation_logged"]
+__all__ = ["truncate_metrics", "evaluation_logged", "evaluated_after"]
 
 _BLOCK = 1 << 14  # the bytes read at a time: a resume holds the log a block at a time, not whole
 
@@ -68,6 +68,21 @@ def evaluation_logged(path: Path, step: int) -> bool:
             if record["step"] < step:
                 return False
             if "lr" not in record:
+                return True
+    return False
+
+
+def evaluated_after(path: Path, step: int) -> bool:
+    """Whether the log ``path`` holds an evaluation's record (one without a training step's ``lr``) of a step past
+    ``step``, read backwards from its end down to the records of ``step`` and earlier."""
+    if not path.is_file():
+        return False
+    with open_in_place(path, "rb") as handle:
+        for _, line in _lines_backward(handle):
+            record = log_record(line.decode("utf-8", "replace"))
+            if record is not None and record["step"] <= step:
+                return False
+            if record is not None and "lr" not in record:
                 return True
     return False
 

@@ -77,6 +77,7 @@ class SegmentTask(Task):
     name, best_metric, outputs = "segment", "mIoU", ("predictions", PER_CLASS)
     # drawn from the log alone: a resume at the run's end (stopped after its last evaluation) writes a missing one
     curves = (PER_CLASS,)
+    evaluation_outputs = outputs  # predictions/ of each evaluation; per_class.md of the last, drawn from its record
 
     def __init__(self, config: SegmentConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, torch.device(device)

@@ -28,6 +28,10 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   ``outputs`` (names or globs a fresh run clears), ``final_outputs`` (the files ``finish`` writes: a resume that
   finds the run at its end, some of them missing, calls ``finish`` again), ``curves`` (the files drawn from the run's
   log alone, by the static ``draw_curves(config, out)``: such a resume draws a missing one again without the model),
+  ``evaluation_outputs`` (files made from the run's latest evaluation, which its checkpoint does not keep: a resume
+  that cuts the log back past a later evaluation removes them, as a dropped step's; one that finds the run at its
+  end without them evaluates that step again to write them, its record not logged twice, but for ``curves``, which
+  it draws from the log),
   ``scores_end(config)`` (the run evaluates its last step: such a resume runs that evaluation when it is missing),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``,
   ``set_epoch(epoch, skip_batches, epochs, batches)`` (default: the train loader's sampler's, which can run on
@@ -82,6 +86,7 @@ class Task:
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     final_outputs: tuple[str, ...] = ()
+    evaluation_outputs: tuple[str, ...] = ()
     curves: tuple[str, ...] = ()
     loss_parts: tuple[str, ...] = ()
     skips_warned = True
