@@ -1,5 +1,6 @@
 """A toy run in two forked processes (gloo): each rank's random stream resumed, its batch-norm statistics the saved
-ones, and a rank with nothing to learn still joining the step."""
+ones, a rank with nothing to learn still joining the step, and a signal to one rank during an evaluation stopping
+both right after it."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_p
     run_two_ranks(EmptyOnRankOne, tmp_path, "a rank without a loss left the other waiting in the all-reduce",
                   max_steps=3)
     assert safe_load(tmp_path / "last.pt")["step"] == 3 and len(_losses(tmp_path)) == 3
+
+
+class SignalledOnRank1InAnEvaluation(ToyTask):
+    """Evaluated every 2 steps; rank 1 alone gets SIGUSR1 during step 2's evaluation (a scheduler's signal to one
+    process)."""
+
+    eval_steps = 2
+
+    def __init__(self, config, info, device):
+        super().__init__(config, info, device)
+        self.rank = info.rank
+
+    def evaluate(self):
+        if self.rank == 1 and self.progress.step == 2 and not self.finished:
+            import signal
+
+            self.finished = True
+            signal.raise_signal(signal.SIGUSR1)
+        return super().evaluate()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_during_an_evaluation_stops_every_rank_right_after_it(tmp_path):
+    run_two_ranks(SignalledOnRank1InAnEvaluation, tmp_path, "a rank left the other waiting after the evaluation")
+    state = safe_load(tmp_path / "last.pt")
+    assert (state["step"], state["evaluated_step"]) == (2, 2) and len(_losses(tmp_path)) == 2

@@ -119,13 +119,14 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
     monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
 
-    def said(steps, save, torchrun=True, grace=None) -> str:
+    def said(steps, save, torchrun=True, grace=None, evaluation=None) -> str:
         for name, value in (("TORCHELASTIC_RUN_ID", "run" if torchrun else None),
                             ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", grace)):
             monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
         flag = StopFlag(command="pretrain")
         flag.steps.extend(steps)
-        flag.save_s = save
+        flag.save_s, flag.evaluating = save, evaluation is not None
+        flag.works.extend([evaluation] if evaluation else [])  # the intervals of the steps after an evaluation
         try:
             flag.install()
             os.kill(os.getpid(), signal.SIGINT)
@@ -144,4 +145,9 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
         f"{promise}; but torchrun kills its processes 45 s after a Ctrl-C (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and a step "
         f"and a save take about 1m5s here: unless it was launched with a --shutdown-timeout over 65, the checkpoint "
         f"may be lost\n")
+    assert said([2.0], 6.4, evaluation=88.6) == (
+        "lomar pretrain: Ctrl-C: saving a checkpoint at the end of this evaluation, then stopping (Ctrl-C again stops "
+        "at once, without it); but torchrun kills its processes 30 s after a Ctrl-C (its --shutdown-timeout's default) "
+        "and an evaluation and a save take about 1m35s here: unless it was launched with a --shutdown-timeout over 95, "
+        "the checkpoint may be lost\n")
     assert said([58.2], 6.4, grace="300") == said([1.5], 6.4) == said([58.2], 6.4, torchrun=False) == promise + "\n"

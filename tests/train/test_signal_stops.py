@@ -12,17 +12,20 @@ from lomar.checkpoints.io import safe_load
 from lomar.train.lifecycle import run
 
 
-def test_a_stop_signal_during_an_epochs_last_step_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
-    """The signal comes after the step's stop check (here: in its evaluation). The epoch ends as
-    every rank agreed it would, and the next step stops the run; heeding the flag in between left
-    the epoch neither ended nor resumable, and the loop asked for it again forever."""
+def test_a_stop_signal_during_an_epochs_last_evaluation_stops_the_run_there_and_the_resume_ends_the_epoch(tmp_path,
+                                                                                                     monkeypatch):
+    """The signal comes after the step's stop check (here: in its evaluation, at the epoch's last step). The run stops
+    right after the evaluation, its epoch not asked for again (heeding the flag without the ranks' agreement left the
+    epoch neither ended nor resumable, and the loop asked for it again forever); the resume ends the epoch and trains
+    on as the run without the signal does."""
     import signal
 
     from lomar.train import lifecycle
 
-    class SignalledAtTheEpochsEnd(ToyTask):
+    class EvaluatedAtTheEpochsEnd(ToyTask):
         eval_steps = 4  # the epoch's last step: 32 points, batch 4 x accum 2
 
+    class SignalledAtTheEpochsEnd(EvaluatedAtTheEpochsEnd):
         def evaluate(self):
             if self.progress.step == 4 and not self.finished:
                 self.finished = True
@@ -37,10 +40,51 @@ def test_a_stop_signal_during_an_epochs_last_step_stops_the_run_at_the_next_step
         return train_epoch(self, stream)
 
     monkeypatch.setattr(lifecycle._Run, "_train_epoch", counted)
-    out = tmp_path / "run"
+    straight, out = tmp_path / "a", tmp_path / "run"
     assert run(ToyConfig(out=str(out)), SignalledAtTheEpochsEnd) == 0
     state = safe_load(out / "last.pt")
-    assert (state["step"], state["epoch"], calls) == (5, 1, [0, 1])
+    assert (state["step"], state["epoch"], state["batches_done"], state["evaluated_step"], calls) == (4, 0, 8, 4, [0])
+    monkeypatch.undo()
+    assert run(ToyConfig(out=str(out), resume="auto"), SignalledAtTheEpochsEnd) == 0
+    assert run(ToyConfig(out=str(straight)), EvaluatedAtTheEpochsEnd) == 0
+    assert _losses(out) == _losses(straight) and len(_losses(out)) == 12
+
+
+@pytest.mark.parametrize(("task", "step", "epoch"), [("evaluated every 2 steps", 2, 0),
+                                                     ("evaluated at each epoch's end", 4, 1)])
+def test_a_ctrl_c_during_an_evaluation_stops_the_run_right_after_it_with_its_checkpoint(tmp_path, monkeypatch, capfd,
+                                                                                        task, step, epoch):
+    """An evaluation takes minutes (a COCO validation set): a Ctrl-C during it is answered with the evaluation's end,
+    recorded and checkpointed once, not with one more step (and its loader's start-up) after it."""
+    import signal
+
+    from lomar.train import lifecycle
+
+    class CtrlCInAnEvaluation(EvaluatedEvery2Steps if task.startswith("evaluated every") else ToyTask):
+        def evaluate(self):
+            if self.progress.step == step and not self.finished:
+                self.finished = True
+                signal.raise_signal(signal.SIGINT)
+            return super().evaluate()
+
+    saved, save_checkpoint = [], lifecycle.save_checkpoint
+
+    def counted(state, *args):
+        saved.append(state["step"])
+        return save_checkpoint(state, *args)
+
+    monkeypatch.setattr(lifecycle, "save_checkpoint", counted)
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), CtrlCInAnEvaluation) == 130
+    err = capfd.readouterr()
+    assert err.err == ("lomar toy: Ctrl-C: saving a checkpoint at the end of this evaluation, then stopping (Ctrl-C "
+                       "again stops at once, without it)\n")
+    assert f"stopped by SIGINT at step {step}" in err.out
+    state = safe_load(out / "last.pt")
+    assert (state["step"], state["epoch"], state["evaluated_step"]) == (step, epoch, step)
+    assert saved == [step] and len(_losses(out)) == step  # the evaluation's checkpoint, written once
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "score" in r] == [step]
 
 
 def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_the_epoch(tmp_path, capsys):

@@ -81,6 +81,7 @@ class _Run:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
         self.best, self.evaluated_step, self.stop, self.notes = -math.inf, -1, stop, []
+        self.saved: tuple = (None, None, None, None)  # the last checkpoint's step, epoch, batches_done and path
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.last_step = last_step(config, self.steps_per_epoch)
@@ -146,8 +147,11 @@ class _Run:
             keep = getattr(self.cfg, "keep_last", None)
             if self.task.sharded:  # collective
                 path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
-                return path if self.info.is_main else None
-            return save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
+                path = path if self.info.is_main else None
+            else:
+                path = save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
+        self.saved = (self.p.step, self.p.epoch, self.p.batches_done, path)
+        return path
 
     def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
         metric = self.task.best_metric
@@ -179,6 +183,7 @@ class _Run:
         stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
         if p.step and task.eval_steps and p.step % task.eval_steps == 0 and self.evaluated_step not in (None, p.step):
             self.save(self._evaluate())  # a stop that checkpointed this step came before its evaluation
+            stopping = self._stopped_in_work()
         stream = EpochStream(task)
         with contextlib.closing(stream):  # its readers stop when the loop ends, however it ends
             while p.epoch < cfg.epochs and not stopping:
@@ -187,6 +192,7 @@ class _Run:
                 # heeded at the next step (else the epoch neither ends nor goes on); in the last step it stops nothing.
                 if p.batches_done >= self.steps_per_epoch * self.accum and (ended or not self.signalled):
                     self._end_epoch()
+                    stopping = stopping or ended or self._stopped_in_work()
                 stopping = stopping or ended
         return self._finish(preempted=stopping and p.step < self.last_step)
 
@@ -209,6 +215,8 @@ class _Run:
                     return True
                 if scoring:
                     self.save(self._evaluate())
+                    if self._stopped_in_work():
+                        return True
         if p.batches_done < per_epoch:  # going on would ask the same loader for the same batches forever
             raise UsageError(f"the training data gave {p.batches_done} of the {per_epoch} batches of epoch {p.epoch} "
                              f"on this process: a loader worker found no readable image for its share (damaged tar "
@@ -292,16 +300,25 @@ class _Run:
         if best or (self.p.epoch % getattr(self.cfg, "save_every", 1) == 0 and self.p.epoch < self.cfg.epochs):
             self.save(metrics)
 
+    def _stopped_in_work(self) -> bool:
+        """After an evaluation or an epoch's end: whether a stop signal came during it, on any rank (a collective).
+        The run stops there rather than after one more step, as the Ctrl-C line said (an evaluation takes minutes)."""
+        self.signalled = any_rank(self.stop.signal is not None, self.device)
+        return self.signalled
+
     def _evaluate(self, seconds: float | None = None) -> dict:
         # every rank, first: a main-only scoring would mark the step scored on the main rank alone
         check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         failure, metrics = None, {}
         if self.evaluated_step != self.p.step:
             try:
+                self.stop.evaluating = True
                 sync_stats(self.task.model)  # every rank scores the model that is saved
                 metrics = self.task.evaluate()
             except (TrainingError, LomarError) as exc:  # the evaluation's data failed, not the training
                 failure = exc
+            finally:
+                self.stop.evaluating = False
         # every rank, as a main-only scoring would fail alone: all join the save that keeps what it trained
         if any_rank(failure is not None, self.device):
             self.save()
@@ -313,7 +330,8 @@ class _Run:
 
     def _finish(self, preempted: bool) -> int:
         self.stop.ending = True
-        path = self.save()
+        *at, path = self.saved  # a stop right after an evaluation's checkpoint: that one, not a second copy
+        path = path if preempted and tuple(at) == (self.p.step, self.p.epoch, self.p.batches_done) else self.save()
         if not preempted:
             evaluate_end(self)
         self.monitor.close()

@@ -112,6 +112,7 @@ class StopFlag:
         self.signal: int | None = None
         self.command = command  # the lomar command whose run this is, for the line a Ctrl-C gets at once
         self.ending = False  # set once the training is done: a Ctrl-C then has no step to end, only the run's end
+        self.evaluating = False  # set during a run's evaluation, after which a stop signal stops it (not a step later)
         self.previous: dict = {}
         self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
         started = started if started is not None else take_command_start()
@@ -223,9 +224,10 @@ class StopFlag:
                 # said now: the step, the save and the figures take seconds to minutes, in which a silent terminal
                 # invites a second Ctrl-C. os.write: a print here could land inside a write to the same stream
                 said = " ".join(filter(None, ("lomar", self.command)))
+                work = "evaluation" if self.evaluating else "step"
                 what = ("the training is done; finishing the run's last checkpoint, evaluation and files (Ctrl-C "
-                        "again stops at once, without them)" if self.ending else "saving a checkpoint at the end of "
-                        "this step, then stopping (Ctrl-C again stops at once, without it)" + self._torchrun_kill())
+                        "again stops at once, without them)" if self.ending else f"saving a checkpoint at the end of "
+                        f"this {work}, then stopping (Ctrl-C again stops at once, without it)" + self._torchrun_kill())
                 # an exception here would be raised inside the step: a stderr gone (`2>&1 | tee log`, whose tee the
                 # same Ctrl-C ended) must not cost the checkpoint
                 with contextlib.suppress(OSError):
@@ -245,10 +247,13 @@ class StopFlag:
                 grace, said = int(os.environ[name]), name
                 break
         step = max(self.steps) if self.steps else self.first_step or 0.0
-        needed = step + (self.save_s or 0.0)
+        # an evaluation's time is in the interval of the step after it (works): the longest such, while one runs
+        # (a step over: a run stops right after an evaluation)
+        needed = (max([step, *self.works]) if self.evaluating else step) + (self.save_s or 0.0)
         if needed < grace:
             return ""
-        return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}) and a step and a save take "
+        work = "an evaluation" if self.evaluating else "a step"
+        return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}) and {work} and a save take "
                 f"about {duration_text(needed)} here: unless it was launched with a --shutdown-timeout over "
                 f"{math.ceil(needed)}, the checkpoint may be lost")
 
