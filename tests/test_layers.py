@@ -293,7 +293,7 @@ TORCH_FREE = ("lomar.values", "lomar.errors", "lomar.yaml_io", "lomar.progress_b
               "lomar.train.config_checks", "lomar.train.preemption", "lomar.train.process_count",
               "lomar.checkpoints.kinds", "lomar.checkpoints.file_names", "lomar.checkpoints.run_folder",
               "lomar.bench.testset",
-              "lomar.data.demo_images")
+              "lomar.data.demo_images", "lomar.data.image_names", "lomar.data.class_roots")
 
 
 @pytest.mark.slow  # a python process: ~0.3 s

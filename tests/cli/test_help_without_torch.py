@@ -132,6 +132,30 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.slow
+def test_a_data_root_without_its_splits_is_refused_before_torch_is_imported(tmp_path):
+    """finetune --data ROOT, ROOT there without train/ or val/: the line says which split it lacks and what ROOT holds
+    instead (images to pretrain on, or one split), before torch is imported."""
+    photos, labelled = tmp_path / "photos", tmp_path / "labelled"
+    photos.mkdir()
+    (photos / "img0.jpg").write_bytes(b"")
+    (labelled / "train" / "cat").mkdir(parents=True)
+    runs = [["finetune", "--data", str(root), "--out", str(tmp_path / "run")] for root in (photos, labelled)]
+    code = ("import json, sys\n"
+            "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+            "from lomar.cli.app import main\n"
+            f"print(json.dumps([main(argv) for argv in {runs!r}]))\n")
+    result = _torch_free(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == [2, 2], result.stderr
+    assert result.stderr.splitlines() == [
+        f"lomar finetune: error: {photos} holds no train/ folder: it holds images, not class folders (a folder to "
+        f"pretrain on: lomar pretrain --data {photos}); labelled images go in ROOT/train/CLASS/IMAGE and "
+        f"ROOT/val/CLASS/IMAGE",
+        f"lomar finetune: error: {labelled} holds no val/ folder: expected the split's class folders there "
+        f"({labelled}/val/CLASS/IMAGE, beside train/)"]
+
+
 def test_lomar_help_lists_the_time_limit_exit_code():
     from lomar.train.preemption import TIME_LIMIT_EXIT
 

@@ -244,8 +244,8 @@ def test_folders_are_passed_over_by_their_exact_names_not_a_prefix(tmp_path):
     exact folder names too); `lost+found` and `@eaDir` are not."""
     from PIL import Image
 
-    from lomar.data.decode import passed_over_folder
     from lomar.data.folder import LabelledImageFolder
+    from lomar.data.image_names import passed_over_folder
 
     for name in ("lost+found_2", "#recycled_paper", "@eaDirt", "a"):
         (tmp_path / name).mkdir()

@@ -32,21 +32,13 @@ from lomar.data.tiff_cut import tiff_cut, tiff_cut_message
 from lomar.errors import exception_line
 from lomar.limits import env_limit
 
-__all__ = ["IMAGE_EXTENSIONS", "WIDE_MODES", "is_image_name", "file_suffix", "max_image_pixels", "max_image_bytes",
-           "read_image_bytes", "open_pil", "exif_orientation", "oriented_size", "decode_bytes", "load_image",
-           "load_image_reduced", "decode_box_reduced", "pil_to_tensor", "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS",
-           "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
+__all__ = ["WIDE_MODES", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
+           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "decode_box_reduced", "pil_to_tensor",
+           "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS"]
 
-# .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Thumbnail caches (Synology's @eaDir, macOS zips' __MACOSX): copies, not photos; folders and shards pass them over
-THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
-# What a NAS or a disk keeps at a share's or a drive's root: deleted files (Synology's #recycle, Windows' $RECYCLE.BIN),
-# a copy of the whole share per snapshot (#snapshot, when made visible), fsck's and Windows' own folders
-SYSTEM_FOLDERS = ("#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
-# What Pillow may identify a file as: the formats of IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a JPEG of
-# several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
-# Ghostscript to render.
+# What Pillow may identify a file as: the formats of image_names.IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a
+# JPEG of several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands
+# to Ghostscript to render.
 PIL_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Pillow's formats of a JPEG stream: MPO is a JPEG whose first picture is the photo and whose others a camera's
 # preview or a phone's HDR gain map; libjpeg decodes (and DCT-scales) its first picture as any JPEG's.
@@ -54,27 +46,6 @@ JPEG_FORMATS = ("JPEG", "MPO")
 MAX_JPEG_SCANS = 100  # scans (SOS markers) in a JPEG, embedded thumbnails' included
 # Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
-
-
-def is_image_name(name: str) -> bool:
-    """An image extension, and not macOS's AppleDouble metadata (``._NAME``, which macOS writes beside each file on
-    foreign disks, in zips and tar files): never an image, and one per photo would make half a set unreadable."""
-    base = name.rstrip("/").rpartition("/")[2]
-    return file_suffix(base).lower() in IMAGE_EXTENSIONS and not base.startswith("._")
-
-
-def passed_over_folder(name: str) -> bool:
-    """Whether a folder of this name is passed over by a folder search and a tar shard alike: hidden (``.NAME``; a
-    tar member's ``./`` is the archive's root), a thumbnail cache or a NAS's or a disk's housekeeping folder, by its
-    exact name, as a .txt list's lines are matched (``lost+found_2`` is a class)."""
-    return name in THUMBNAIL_FOLDERS or name in SYSTEM_FOLDERS or (name.startswith(".") and name not in (".", ".."))
-
-
-def file_suffix(name: str) -> str:
-    """``PurePath(name).suffix`` of a file name without a directory, without building a Path: a folder search calls
-    this for every file, and a Path each cost 13 of the 23 s of listing 1.28M ImageNet names on a 2-core machine."""
-    dot = name.rfind(".")
-    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def max_image_pixels() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,24 +13,23 @@ import torch
 from torch.utils.data import Dataset
 
 from lomar.data.class_names import classes_only_in, unicode_forms_note
-from lomar.data.decode import (
+from lomar.data.class_roots import not_a_class_root
+from lomar.data.decode import load_image, tensor_to_pil
+from lomar.data.demo_images import demo_image_paths
+from lomar.data.image_names import (
     IMAGE_EXTENSIONS,
     SYSTEM_FOLDERS,
     THUMBNAIL_FOLDERS,
     is_image_name,
-    load_image,
     passed_over_folder,
-    tensor_to_pil,
 )
-from lomar.data.demo_images import demo_image_paths
 from lomar.data.image_search import image_table, search_images, warn_passed_over
 from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 from lomar.values import counted
 
-__all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "not_a_class_root"]
+__all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset", "LabelledImageFolder"]
 
 log = logging.getLogger("lomar.data")
 
@@ -180,31 +178,6 @@ def _path_lines(listing: Path) -> list[str]:
     # -sig: a byte order mark (Windows editors write one) is not part of the first path
     lines = (ln.strip() for ln in listing.read_text(encoding="utf-8-sig").splitlines())
     return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def not_a_class_root(root: Path) -> str:
-    """Why ``root`` cannot hold class folders, and what to pass instead. A missing ``train``/``val`` below an existing
-    folder is named as the split its parent lacks: knn, linprobe and finetune look for ``DATA/train`` and ``DATA/val``,
-    and a folder of images or of class folders given as ``DATA`` would otherwise be told about a path its user never
-    wrote; what that folder holds says which mistake it is (a split given for the root, a folder to pretrain on)."""
-    data = root.parent
-    if not root.exists() and root.name in ("train", "val") and data.is_dir():
-        lead = f"{data} holds no {root.name}/ folder"
-        if data.name in ("train", "val") and all((data.parent / split).is_dir() for split in ("train", "val")):
-            return f"{lead}: it is a split itself; pass its parent {data.parent} (which holds train/ and val/)"
-        if any(entry.is_file() and is_image_name(entry.name) for entry in _first_entries(data)):
-            return (f"{lead}: it holds images, not class folders (a folder to pretrain on: lomar pretrain --data "
-                    f"{shlex.quote(str(data))}); labelled images go in ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE")
-        return (f"{lead}: expected the split's class folders there ({root}/CLASS/IMAGE, beside "
-                f"{'val' if root.name == 'train' else 'train'}/)")
-    what = "does not exist" if not root.exists() else "is not a folder"
-    return f"{root} {what}: expected a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)"
-
-
-def _first_entries(folder: Path, limit: int = 1000) -> list[os.DirEntry]:
-    """At most ``limit`` entries of ``folder``: enough to tell a folder of images, without listing a large one."""
-    with os.scandir(folder) as entries:
-        return [entry for _, entry in zip(range(limit), entries)]
 
 
 class LabelledImageFolder(Dataset):

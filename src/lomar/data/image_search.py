@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from lomar.data.decode import THUMBNAIL_FOLDERS, file_suffix, is_image_name, passed_over_folder
+from lomar.data.image_names import THUMBNAIL_FOLDERS, file_suffix, is_image_name, passed_over_folder
 from lomar.data.pathtable import PathTable, sort_like_paths
 from lomar.data.walk import folder_prefix, once_each, walk
 
@@ -58,7 +58,7 @@ def search_images(root: str | Path, limit: int | None = None) -> tuple[list[str]
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
-    hidden: list[Path] = []  # sub-folders passed over (decode.passed_over_folder)
+    hidden: list[Path] = []  # sub-folders passed over (image_names.passed_over_folder)
     hidden_files: list[Path] = []  # image-named .NAME files (._NAME, AppleDouble, counted as forks)
     foreign: list[Path] = []  # photos in formats lomar does not decode
     folders: list[tuple[tuple[int, int], str]] = []

@@ -28,15 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
-from lomar.data.decode import (
-    JPEG_FORMATS,
-    is_image_name,
-    load_image,
-    open_pil,
-    oriented_size,
-    passed_over_folder,
-    read_image_bytes,
-)
+from lomar.data.decode import JPEG_FORMATS, load_image, open_pil, oriented_size, read_image_bytes
+from lomar.data.image_names import is_image_name, passed_over_folder
 from lomar.data.pair_checks import pair_results
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short

@@ -12,7 +12,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lomar.data.decode import is_image_name, max_image_bytes, passed_over_folder
+from lomar.data.decode import max_image_bytes
+from lomar.data.image_names import is_image_name, passed_over_folder
 
 __all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead", "file_identity"]
 

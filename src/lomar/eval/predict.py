@@ -34,7 +34,8 @@ from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import LINPROBE_FORMAT, run_command
 from lomar.data.class_names import names_problem
 from lomar.data.collate import Skipped
-from lomar.data.decode import IMAGE_EXTENSIONS, load_image, tensor_to_pil
+from lomar.data.decode import load_image, tensor_to_pil
+from lomar.data.image_names import IMAGE_EXTENSIONS
 from lomar.data.image_search import image_table
 from lomar.data.segmentation import eval_input
 from lomar.errors import UsageError

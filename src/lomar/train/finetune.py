@@ -31,9 +31,9 @@ from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.decode import THUMBNAIL_FOLDERS, passed_over_folder
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
+from lomar.data.image_names import THUMBNAIL_FOLDERS, passed_over_folder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint, trained_precision
+from lomar.data.class_roots import not_a_class_root
 from lomar.train import settings as S
 from lomar.train.config_checks import (
     EVAL_DECODES,
@@ -179,8 +180,6 @@ class FinetuneConfig(TaskConfig):
             if not split.is_dir() and not (self.data and split.parent == Path(self.data)):
                 raise ConfigError(f"{split} is not a folder; {layout}")  # before torch: a --val that is not there
             if not split.is_dir():
-                from lomar.data.folder import not_a_class_root  # torch: not for --help
-
                 raise ConfigError(not_a_class_root(split))
         if self.pretrained is None:
             raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
