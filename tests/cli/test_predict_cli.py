@@ -149,12 +149,16 @@ def test_a_file_given_under_several_spellings_is_listed_once(tmp_path, monkeypat
 
 
 def test_a_killed_predicts_temporary_is_removed_by_the_next(tmp_path, capsys, classifier, labelled_folder):
-    # atomic_write's temporary, as a predict killed while writing its file leaves it; the folder's other files stay
+    # atomic_write's temporary, as a predict killed while writing its file leaves it; the folder's other files stay,
+    # hidden temporaries of other programs (--out a folder the user shares, the working folder) and of lomar's other
+    # files among them: predict writes none of those
     image = str(next((labelled_folder / "val").rglob("*.png")))
     out = tmp_path / "out"
     out.mkdir()
     (out / ".predictions.jsonl.tmp-4242-0123456789abcdef").write_text('{"path": "half')
-    (out / "notes.md").write_text("mine")
+    others = ["notes.md", ".notes.md.tmp", ".draft.tmp-4242", ".last.pt.tmp-4242-0123456789abcdef"]
+    for name in others:
+        (out / name).write_text("mine")
     assert main(["predict", str(classifier), image, "--out", str(out), *CPU_RUN]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.md", "predictions.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "predictions.jsonl", *others])
     assert "lomar predict: note: removed 1 stale temporary file(s)" in capsys.readouterr().err

@@ -10,11 +10,11 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["own_temporary", "own_folder", "made_beside", "remove_made_beside", "TEMPORARY_SUFFIX"]
+__all__ = ["own_temporary", "own_folder", "made_beside", "made_beside_each", "remove_made_beside", "TEMPORARY_SUFFIX"]
 
 T = TypeVar("T")
 # What follows ".NAME" in a temporary's name, as a regular expression: how the readers of a folder tell one
@@ -36,14 +36,22 @@ def own_folder(path: str | Path) -> Path:
 
 def made_beside(path: str | Path) -> list[Path]:
     """The temporaries there are beside ``path`` (``.NAME.tmp-PID-TOKEN``, any writer's, live or killed), sorted."""
-    path, own = Path(path), re.compile(TEMPORARY_SUFFIX)
-    prefix = f".{path.name}"
-    try:
-        names = os.listdir(path.parent)
-    except FileNotFoundError:
-        return []
-    return sorted(path.parent / name for name in names
-                  if name.startswith(prefix) and own.fullmatch(name[len(prefix):]))
+    return made_beside_each([path])
+
+
+def made_beside_each(paths: Iterable[str | Path]) -> list[Path]:
+    """:func:`made_beside` of each of ``paths``, each folder listed once (a writer of a file per image), sorted."""
+    wanted: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        wanted.setdefault(path.parent, set()).add(path.name)
+    own, found = re.compile(rf"\.(.+){TEMPORARY_SUFFIX}"), []
+    for folder, names in wanted.items():
+        try:
+            listed = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        found += [folder / name for name in listed if (match := own.fullmatch(name)) and match[1] in names]
+    return sorted(found)
 
 
 def remove_made_beside(path: str | Path, keep: Callable[[Path], bool] | None = None) -> list[Path]:
