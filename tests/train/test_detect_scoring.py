@@ -137,8 +137,8 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     evaluated = tmp_path / "evaluated"
     reads, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
-    code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
-                 "--pretrained", str(out / "last.pt"), "--workers", "0", "--out", str(evaluated)])
+    code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",  # the run's
+                 "--pretrained", str(out / "last.pt"), "--workers", "0", "--threads", "2", "--out", str(evaluated)])
     assert code == 0
     assert reads == [out / "last.pt"]  # read once: the settings taken and the weights scored are of one read
     monkeypatch.undo()
