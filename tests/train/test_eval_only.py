@@ -63,6 +63,23 @@ def test_eval_only_removes_the_temporaries_a_killed_one_left_in_its_outputs(tmp_
     assert f"lomar segment: note: removed 1 stale temporary file(s) in {out}" in capsys.readouterr().err
 
 
+def test_eval_only_leaves_the_hidden_temporaries_of_others_in_a_folder_it_shares(tmp_path, capsys):
+    # --out may be any folder without a run (the working folder): a file there that the command writes none of is
+    # not its killed write, whatever its name
+    class Detected(_Scored):
+        name, outputs = "detect", ("predictions.json",)
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    half = out / f".predictions.json.tmp-4242-{'0a' * 8}"
+    others = [".notes.md.tmp", ".draft.tmp-4242", f".last.pt.tmp-4242-{'0a' * 8}"]
+    for path in (half, *(out / name for name in others)):
+        path.write_text("x")
+    config = SimpleNamespace(device="cpu", seed=0, out=str(out), pretrained="det/best.pt", img_size=32, threads=1)
+    eval_only.score_only(config, Detected)
+    assert not half.exists() and all((out / name).exists() for name in others)
+
+
 @pytest.mark.parametrize("local_world, visible, refused", [("2", 2, True), ("1", 2, False), ("2", 1, False)])
 def test_a_gpu_index_that_every_process_of_a_machine_would_share_under_torchrun_is_a_one_line_error(
         monkeypatch, local_world, visible, refused):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from lomar.checkpoints.kinds import LINPROBE_FORMAT, trained_precision
-from lomar.checkpoints.own_names import made_beside_each
 from lomar.cli.app import command_prefix
 from lomar.cli.common import check_checkpoint, check_input, check_output_dir, resolve_device
 from lomar.errors import UsageError
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lomar.eval import predict  # torch: not for --help
     from lomar.train.run_lock import RunLock  # torch: not for --help
-    from lomar.train.run_state import inside  # torch: not for --help
+    from lomar.train.run_state import clear_killed_writes, inside  # torch: not for --help
 
     # as a training run's --out inside its --data is refused: a later predict of the folder would read its PNGs
     if folder := next((given for given in args.images if Path(given).is_dir() and inside(Path(args.out), Path(given))),
@@ -90,24 +89,8 @@ def run(args: argparse.Namespace) -> int:
     targets = ([out / predict.OUTPUTS[trained.kind]] if trained.kind in predict.OUTPUTS
                else _png_paths(out, images))
     with RunLock(out):  # held while it writes: a temporary of its files there is then a killed predict's
-        _remove_killed_writes(out, targets)
+        clear_killed_writes(out, "predict", targets)
         return _write(args, trained, images, out, targets, device)
-
-
-def _remove_killed_writes(out: Path, targets: list[Path]) -> None:
-    """Remove the temporaries (``.NAME.tmp-PID-TOKEN``) beside ``targets`` that a killed predict left, where this
-    process holds ``out``'s lock: no writer of them then lives. Only those: DIR may be a folder the user shares (the
-    working folder), whose other hidden temporaries are not predict's to judge."""
-    from lomar.train.run_lock import holds_run_lock  # torch: not for --help
-
-    if not holds_run_lock(out):  # no flock there: a live predict's cannot be told from a killed one's
-        return
-    removed = [path for path in made_beside_each(targets) if path.is_file() and not path.is_symlink()]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    if removed:
-        print(f"lomar predict: note: removed {len(removed)} stale temporary file(s) in {out}, e.g. "
-              f"{removed[0].relative_to(out)}", file=sys.stderr, flush=True)
 
 
 def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[Path], device) -> int:

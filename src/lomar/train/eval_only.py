@@ -17,7 +17,7 @@ from lomar.errors import UsageError
 from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, join_group
 from lomar.train.run_lock import RunLock
-from lomar.train.run_state import clear_stale_temporaries
+from lomar.train.run_state import clear_killed_writes
 from lomar.train.runtime import use_threads
 from lomar.train.setting_names import source_of
 from lomar.train.task import Task, TrainingError
@@ -40,7 +40,7 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
     with RunLock(Path(config.out), source_of(config, "out")) as lock:
         task = make_task(config, DistInfo(), device)
         # a killed --eval-only's: segment's predictions/ is written an image at a time
-        clear_stale_temporaries(lock.out, task.name, task.outputs)
+        clear_killed_writes(lock.out, task.name, [lock.out / name for name in task.outputs], task.outputs)
         metrics = task.evaluate()
         task.finish(lock.out)
         with open_in_place(lock.out / METRICS, "a") as log:

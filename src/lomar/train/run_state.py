@@ -35,7 +35,7 @@ from lomar.checkpoints.io import (
     remove_tree,
     safe_load,
 )
-from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
+from lomar.checkpoints.own_names import TEMPORARY_SUFFIX, made_beside_each
 from lomar.checkpoints.run_folder import sharded_checkpoint
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
@@ -46,10 +46,10 @@ from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "remove_stale_temporaries", "clear_stale_temporaries", "temporaries", "checkpoint_number", "checkpoint_step",
-           "training_step", "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints",
-           "check_out_folder", "read_meta", "point_last_at", "newest_state", "refuse_held_run", "prepare_run_folder",
-           "save_error"]
+           "remove_stale_temporaries", "clear_stale_temporaries", "clear_killed_writes", "temporaries",
+           "checkpoint_number", "checkpoint_step", "training_step", "read_state", "holds_run", "same_file", "foreign",
+           "inside", "remove_newer_checkpoints", "check_out_folder", "read_meta", "point_last_at", "newest_state",
+           "refuse_held_run", "prepare_run_folder", "save_error"]
 
 log = logging.getLogger("lomar.train")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -286,12 +286,36 @@ def clear_stale_temporaries(out: Path, name: str, folders: tuple[str, ...]) -> N
     """:func:`remove_stale_temporaries` of ``out`` and its sub-folders ``folders`` as command ``name`` says it: a note
     of what it removed, or a warning of those it kept where this process holds no file lock."""
     if removed := remove_stale_temporaries(out, folders):
-        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, "
-              f"e.g. {removed[0].relative_to(out)}", file=sys.stderr, flush=True)
+        _say_removed(out, name, removed)
     elif not holds_run_lock(out) and (kept := temporaries(out, folders)):
         log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
                     "told from a live one's (on another machine sharing the folder); delete them once no run or export "
                     "writes into %s", len(kept), out, kept[0].relative_to(out), out)
+
+
+def clear_killed_writes(out: Path, name: str, files: list[Path], folders: tuple[str, ...] = ()) -> None:
+    """Where this process holds ``out``'s lock (no writer of them then lives), remove the temporaries
+    (``.NAME.tmp-PID-TOKEN``) a killed command ``name`` left beside its ``files`` and in its sub-folders ``folders`` of
+    ``out`` (a file an image), saying so. Only those, unlike a run's :func:`clear_stale_temporaries`: ``out`` may be a
+    folder the user shares (predict's DIR, ``--eval-only``'s ``--out``, the working folder), whose other hidden
+    temporaries are not lomar's to judge."""
+    if not holds_run_lock(out):
+        return
+    found, own = made_beside_each(files), re.compile(rf"\..+{TEMPORARY_SUFFIX}")
+    for folder in (out / sub for sub in folders):
+        if folder.is_dir() and not folder.is_symlink():
+            with os.scandir(folder) as entries:
+                found += sorted(Path(entry.path) for entry in entries if own.fullmatch(entry.name))
+    removed = [path for path in found if path.is_file() and not path.is_symlink()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        _say_removed(out, name, removed)
+
+
+def _say_removed(out: Path, name: str, removed: list[Path]) -> None:
+    print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, "
+          f"e.g. {removed[0].relative_to(out)}", file=sys.stderr, flush=True)
 
 
 def temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[Path]:
