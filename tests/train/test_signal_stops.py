@@ -87,6 +87,26 @@ def test_a_ctrl_c_during_an_evaluation_stops_the_run_right_after_it_with_its_che
     assert [r["step"] for r in records if "score" in r] == [step]
 
 
+def test_a_ctrl_c_during_the_last_epochs_evaluation_is_answered_with_the_runs_end(tmp_path, capfd):
+    """The last step is done, and nothing stops what follows it (the epoch's evaluation, the run's last checkpoint and
+    files): a Ctrl-C during that evaluation is answered as one past the last step, and the run ends done (exit 0)."""
+    import signal
+
+    class CtrlCInTheLastEvaluation(ToyTask):
+        def evaluate(self):
+            if self.progress.step == 12 and not self.finished:
+                self.finished = True
+                signal.raise_signal(signal.SIGINT)
+            return super().evaluate()
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), CtrlCInTheLastEvaluation) == 0
+    said = capfd.readouterr()
+    assert said.err.splitlines()[0] == ("lomar toy: Ctrl-C: the training is done; finishing the run's last checkpoint, "
+                                        "evaluation and files (Ctrl-C again stops at once, without them)")
+    assert said.out.splitlines()[-1].startswith("lomar toy: done at step 12") and (out / "finished").is_file()
+
+
 def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_the_epoch(tmp_path, capsys):
     """--max-steps 4 is epoch 0's last step; a SIGTERM in it came too late to stop anything, yet the run that said
     "done" skipped the epoch's end: its evaluation was logged as epoch 0 (partial), and no best.pt was written. It ends

@@ -212,6 +212,7 @@ class _Run:
                 scoring = self.task.eval_steps and p.step % self.task.eval_steps == 0
                 self.signalled = any_rank_stopping(self.stop, self.device, scoring or p.batches_done >= per_epoch)
                 if self.signalled or p.step >= self.last_step:
+                    self.stop.ending = p.step >= self.last_step  # a Ctrl-C in the last epoch's end stops nothing
                     return True
                 if scoring:
                     self.save(self._evaluate())
