@@ -7,6 +7,17 @@ import time
 from lomar.train.preemption import StopFlag
 
 
+def _sent(flag: StopFlag, sent: int) -> StopFlag:
+    """``flag`` with its handlers installed, ``sent`` sent to this process and handled, and the handlers given back."""
+    try:
+        flag.install()
+        os.kill(os.getpid(), sent)
+        time.sleep(0.05)
+    finally:
+        flag.restore()
+    return flag
+
+
 def test_a_run_leaves_a_ctrl_c_its_parent_ignores_ignored():
     """A shell starts a background job with SIGINT ignored, so that a Ctrl-C meant for the foreground spares it: a
     training run in such a job takes SIGTERM to save and stop, and leaves Ctrl-C ignored, as every command does."""
@@ -42,13 +53,7 @@ def test_a_run_takes_ctrl_c_to_save_and_stop():
 def test_a_ctrl_c_is_answered_at_once_with_what_the_run_does(capfd):
     """The step, save and figures take seconds to minutes (14 s at 448 px on 2 CPU cores): a silent terminal invites a
     second Ctrl-C, the one that stops without the checkpoint, so the first is answered at once."""
-    flag = StopFlag(command="pretrain")
-    try:
-        flag.install()
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-    finally:
-        flag.restore()
+    _sent(StopFlag(command="pretrain"), signal.SIGINT)
     assert capfd.readouterr().err == ("lomar pretrain: Ctrl-C: saving a checkpoint at the end of this step, then "
                                       "stopping (Ctrl-C again stops at once, without it)\n")
 
@@ -78,14 +83,7 @@ def test_the_ctrl_c_line_is_the_first_process_of_a_machines_and_not_a_sigterms(m
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, sent in (("1", signal.SIGINT), ("0", signal.SIGTERM)):
         monkeypatch.setenv("LOCAL_RANK", rank)
-        flag = StopFlag(command="pretrain")
-        try:
-            flag.install()
-            os.kill(os.getpid(), sent)
-            time.sleep(0.05)
-        finally:
-            flag.restore()
-        assert flag.signal == sent
+        assert _sent(StopFlag(command="pretrain"), sent).signal == sent
     assert capfd.readouterr().err == ""
 
 
@@ -127,12 +125,7 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
         flag.steps.extend(steps)
         flag.save_s, flag.evaluating = save, evaluation is not None
         flag.works.extend([evaluation] if evaluation else [])  # the intervals of the steps after an evaluation
-        try:
-            flag.install()
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        finally:
-            flag.restore()
+        _sent(flag, signal.SIGINT)
         return capfd.readouterr().err
 
     promise = ("lomar pretrain: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops "
