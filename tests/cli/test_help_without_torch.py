@@ -61,6 +61,17 @@ def _torch_free(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
+def _main_without_torch(runs: list[list[str]]) -> tuple[list[int], list[str]]:
+    """``lomar ARGV`` for each ARGV of ``runs``, in one interpreter where importing torch fails: the exit codes, and
+    the lines said on stderr."""
+    result = _torch_free("import json, sys\n"
+                         "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+                         "from lomar.cli.app import main\n"
+                         f"print(json.dumps([main(argv) for argv in {runs!r}]))\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout), result.stderr.splitlines()
+
+
 @pytest.mark.slow
 def test_building_the_parser_imports_no_torch():
     result = _torch_free("import lomar.cli.app, sys; lomar.cli.app.build_parser(); "
@@ -117,14 +128,8 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
             # an output under a file
             ["tokenizer", "fit", "--data", missing, "--out", str(tmp_path / "file" / "t.safetensors")],
             ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]
-    code = ("import json, sys\n"
-            "sys.modules['torch'] = None  # import torch now raises ImportError\n"
-            "from lomar.cli.app import main\n"
-            f"print(json.dumps([main(argv) for argv in {runs!r}]))\n")
-    result = _torch_free(code)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout) == [2] * len(runs), result.stderr
-    said = result.stderr.splitlines()
+    codes, said = _main_without_torch(runs)
+    assert codes == [2] * len(runs), said
     assert len(said) == len(runs) and all(missing in line for line in said[:-2]), said
     assert said[-2].startswith(f"lomar tokenizer fit: error: --out {tmp_path}/file/t.safetensors: ") and \
         "is a file" in said[-2]
@@ -141,14 +146,9 @@ def test_a_data_root_without_its_splits_is_refused_before_torch_is_imported(tmp_
     (photos / "img0.jpg").write_bytes(b"")
     (labelled / "train" / "cat").mkdir(parents=True)
     runs = [["finetune", "--data", str(root), "--out", str(tmp_path / "run")] for root in (photos, labelled)]
-    code = ("import json, sys\n"
-            "sys.modules['torch'] = None  # import torch now raises ImportError\n"
-            "from lomar.cli.app import main\n"
-            f"print(json.dumps([main(argv) for argv in {runs!r}]))\n")
-    result = _torch_free(code)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout) == [2, 2], result.stderr
-    assert result.stderr.splitlines() == [
+    codes, said = _main_without_torch(runs)
+    assert codes == [2, 2], said
+    assert said == [
         f"lomar finetune: error: {photos} holds no train/ folder: it holds images, not class folders (a folder to "
         f"pretrain on: lomar pretrain --data {photos}); labelled images go in ROOT/train/CLASS/IMAGE and "
         f"ROOT/val/CLASS/IMAGE",
