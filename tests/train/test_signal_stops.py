@@ -4,6 +4,7 @@ unwinds as the signal, and that the resumed run scores the step it stopped on.""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from toy_run import ToyConfig, ToyTask, _losses
@@ -12,25 +13,31 @@ from lomar.checkpoints.io import safe_load
 from lomar.train.lifecycle import run
 
 
+def _signalled_in_evaluation(task: type, step: int, sent: int) -> type:
+    """``task`` whose evaluation of ``step`` gets the signal ``sent``, once."""
+
+    class SignalledInAnEvaluation(task):
+        def evaluate(self):
+            if self.progress.step == step and not self.finished:
+                self.finished = True
+                signal.raise_signal(sent)
+            return super().evaluate()
+
+    return SignalledInAnEvaluation
+
+
 def test_a_stop_signal_during_an_epochs_last_evaluation_stops_the_run_there_and_the_resume_ends_the_epoch(tmp_path,
                                                                                                      monkeypatch):
     """The signal comes after the step's stop check (here: in its evaluation, at the epoch's last step). The run stops
     right after the evaluation, its epoch not asked for again (heeding the flag without the ranks' agreement left the
     epoch neither ended nor resumable, and the loop asked for it again forever); the resume ends the epoch and trains
     on as the run without the signal does."""
-    import signal
-
     from lomar.train import lifecycle
 
     class EvaluatedAtTheEpochsEnd(ToyTask):
         eval_steps = 4  # the epoch's last step: 32 points, batch 4 x accum 2
 
-    class SignalledAtTheEpochsEnd(EvaluatedAtTheEpochsEnd):
-        def evaluate(self):
-            if self.progress.step == 4 and not self.finished:
-                self.finished = True
-                signal.raise_signal(signal.SIGUSR1)
-            return super().evaluate()
+    signalled = _signalled_in_evaluation(EvaluatedAtTheEpochsEnd, 4, signal.SIGUSR1)
 
     calls, train_epoch = [], lifecycle._Run._train_epoch
 
@@ -41,11 +48,11 @@ def test_a_stop_signal_during_an_epochs_last_evaluation_stops_the_run_there_and_
 
     monkeypatch.setattr(lifecycle._Run, "_train_epoch", counted)
     straight, out = tmp_path / "a", tmp_path / "run"
-    assert run(ToyConfig(out=str(out)), SignalledAtTheEpochsEnd) == 0
+    assert run(ToyConfig(out=str(out)), signalled) == 0
     state = safe_load(out / "last.pt")
     assert (state["step"], state["epoch"], state["batches_done"], state["evaluated_step"], calls) == (4, 0, 8, 4, [0])
     monkeypatch.undo()
-    assert run(ToyConfig(out=str(out), resume="auto"), SignalledAtTheEpochsEnd) == 0
+    assert run(ToyConfig(out=str(out), resume="auto"), signalled) == 0
     assert run(ToyConfig(out=str(straight)), EvaluatedAtTheEpochsEnd) == 0
     assert _losses(out) == _losses(straight) and len(_losses(out)) == 12
 
@@ -56,16 +63,9 @@ def test_a_ctrl_c_during_an_evaluation_stops_the_run_right_after_it_with_its_che
                                                                                         task, step, epoch):
     """An evaluation takes minutes (a COCO validation set): a Ctrl-C during it is answered with the evaluation's end,
     recorded and checkpointed once, not with one more step (and its loader's start-up) after it."""
-    import signal
-
     from lomar.train import lifecycle
 
-    class CtrlCInAnEvaluation(EvaluatedEvery2Steps if task.startswith("evaluated every") else ToyTask):
-        def evaluate(self):
-            if self.progress.step == step and not self.finished:
-                self.finished = True
-                signal.raise_signal(signal.SIGINT)
-            return super().evaluate()
+    evaluated = EvaluatedEvery2Steps if task.startswith("evaluated every") else ToyTask
 
     saved, save_checkpoint = [], lifecycle.save_checkpoint
 
@@ -75,7 +75,7 @@ def test_a_ctrl_c_during_an_evaluation_stops_the_run_right_after_it_with_its_che
 
     monkeypatch.setattr(lifecycle, "save_checkpoint", counted)
     out = tmp_path / "run"
-    assert run(ToyConfig(out=str(out)), CtrlCInAnEvaluation) == 130
+    assert run(ToyConfig(out=str(out)), _signalled_in_evaluation(evaluated, step, signal.SIGINT)) == 130
     err = capfd.readouterr()
     assert err.err == ("lomar toy: Ctrl-C: saving a checkpoint at the end of this evaluation, then stopping (Ctrl-C "
                        "again stops at once, without it)\n")
@@ -90,17 +90,8 @@ def test_a_ctrl_c_during_an_evaluation_stops_the_run_right_after_it_with_its_che
 def test_a_ctrl_c_during_the_last_epochs_evaluation_is_answered_with_the_runs_end(tmp_path, capfd):
     """The last step is done, and nothing stops what follows it (the epoch's evaluation, the run's last checkpoint and
     files): a Ctrl-C during that evaluation is answered as one past the last step, and the run ends done (exit 0)."""
-    import signal
-
-    class CtrlCInTheLastEvaluation(ToyTask):
-        def evaluate(self):
-            if self.progress.step == 12 and not self.finished:
-                self.finished = True
-                signal.raise_signal(signal.SIGINT)
-            return super().evaluate()
-
     out = tmp_path / "run"
-    assert run(ToyConfig(out=str(out)), CtrlCInTheLastEvaluation) == 0
+    assert run(ToyConfig(out=str(out)), _signalled_in_evaluation(ToyTask, 12, signal.SIGINT)) == 0
     said = capfd.readouterr()
     assert said.err.splitlines()[0] == ("lomar toy: Ctrl-C: the training is done; finishing the run's last checkpoint, "
                                         "evaluation and files (Ctrl-C again stops at once, without them)")
