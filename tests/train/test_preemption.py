@@ -144,3 +144,10 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
         "and an evaluation and a save take about 1m35s here: unless it was launched with a --shutdown-timeout over 95, "
         "the checkpoint may be lost\n")
     assert said([58.2], 6.4, grace="300") == said([1.5], 6.4) == said([58.2], 6.4, torchrun=False) == promise + "\n"
+    from torch.distributed.launcher.api import LaunchConfig
+
+    monkeypatch.delitem(LaunchConfig.__dataclass_fields__, "shutdown_timeout")  # a torch before the option
+    assert said([58.2], 6.4, grace="300") == (
+        f"{promise}; but torchrun kills its processes 30 s after a Ctrl-C (fixed in this torch release) and a step "
+        f"and a save take about 1m5s here: the checkpoint may be lost (this torch's torchrun has no "
+        f"--shutdown-timeout)\n")

@@ -130,6 +130,7 @@ class StopFlag:
         self.after_work = False
         self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
         self.needed_for = ""
+        self.torchrun_wait: tuple[int, str, bool] | None = None  # under torchrun: _torchrun_wait()'s, read at install
 
     def install(self, model=None) -> None:
         """The signal handlers, and the start of the steps' clock; ``model``: its parameters size the first save."""
@@ -137,6 +138,7 @@ class StopFlag:
         if model is not None and self.save_s is None:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             self.save_s = first_save_estimate(3 * size)  # the weights and AdamW's two moments
+        self.torchrun_wait = _torchrun_wait() if "TORCHELASTIC_RUN_ID" in os.environ else None
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
         for sig in signals_to_take():
@@ -239,13 +241,9 @@ class StopFlag:
         """What a Ctrl-C's line adds under torchrun when a step and the save take longer than torchrun waits for its
         processes: a terminal's Ctrl-C reaches torchrun alone (its processes run in sessions of their own), which
         passes it on and kills them that many seconds later, before the checkpoint."""
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
+        if self.torchrun_wait is None:
             return ""
-        grace, said = _TORCHRUN_GRACE_S, "its --shutdown-timeout's default"
-        for name in _TORCHRUN_GRACE_VARIABLES:
-            if os.environ.get(name, "").strip().isdigit():
-                grace, said = int(os.environ[name]), name
-                break
+        grace, said, told = self.torchrun_wait
         step = max(self.steps) if self.steps else self.first_step or 0.0
         # an evaluation's time is in the interval of the step after it (works): the longest such, while one runs
         # (a step over: a run stops right after an evaluation)
@@ -253,14 +251,29 @@ class StopFlag:
         if needed < grace:
             return ""
         work = "an evaluation" if self.evaluating else "a step"
+        lost = (f"unless it was launched with a --shutdown-timeout over {math.ceil(needed)}, the checkpoint may be lost"
+                if told else "the checkpoint may be lost (this torch's torchrun has no --shutdown-timeout)")
         return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}) and {work} and a save take "
-                f"about {duration_text(needed)} here: unless it was launched with a --shutdown-timeout over "
-                f"{math.ceil(needed)}, the checkpoint may be lost")
+                f"about {duration_text(needed)} here: {lost}")
 
 
 # torchrun's wait between passing a stop signal on to its processes and killing them: its --shutdown-timeout (an
 # option of recent PyTorch: 2.14.1 has it) or else these variables (in this order), else 30 s, fixed in older releases
 _TORCHRUN_GRACE_S, _TORCHRUN_GRACE_VARIABLES = 30, ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+
+
+def _torchrun_wait() -> tuple[int, str, bool]:
+    """torchrun's wait (above), what sets it (a --shutdown-timeout on torchrun's command line is not seen by its
+    processes), and whether it can be told another: a torch without that option waits 30 s, whatever the variables
+    say."""
+    from torch.distributed.launcher.api import LaunchConfig  # torch: not for `lomar --help`, which imports this module
+
+    if "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:
+        return _TORCHRUN_GRACE_S, "fixed in this torch release", False
+    for name in _TORCHRUN_GRACE_VARIABLES:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name]), name, True
+    return _TORCHRUN_GRACE_S, "its --shutdown-timeout's default", True
 
 
 def ignore_stop_signals(worker_id: int) -> None:
