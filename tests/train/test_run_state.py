@@ -50,6 +50,7 @@ class _Config:
 class _Task:
     name, eval_log, outputs, final_outputs = "toy", "knn.jsonl", ("knn.jsonl", "figure.png"), ()
     evaluation_outputs: tuple[str, ...] = ()
+    best_metric: str | None = None
 
 
 def _run_folder(out, step: int, seed: int):

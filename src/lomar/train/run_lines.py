@@ -12,6 +12,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import BEST, METRICS
 from lomar.train.monitor import input_limit_note, metric_text, resume_hint
 from lomar.train.precision import auto_precision, emulated_bf16_notes
+from lomar.train.run_logs import scored
 from lomar.train.schedule import shortened_warning, warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
@@ -64,8 +65,13 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
     extra, metric = "; ".join(filter(None, [skipped, task.final_line()])), task.best_metric
     if metric:
         best = out / BEST
-        extra = ", ".join(filter(None, [f"best {metric_text(metric, trainer.best)} in {best}" if best.exists() else
-                                        f"no {best.name}: no full epoch scored a {metric} yet", extra]))
+        if best.exists():
+            said = f"best {metric_text(metric, trainer.best)} in {best}"
+        elif scored(out / task.eval_log, metric):  # a resume removed one of a step it dropped (rewound_best)
+            said = f"no {best.name}: no evaluation since a resume removed it beat {metric_text(metric, trainer.best)}"
+        else:
+            said = f"no {best.name}: no full epoch scored a {metric} yet"
+        extra = ", ".join(filter(None, [said, extra]))
     note = input_limit_note(trainer.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
     say_notes(cfg, name, [note] if note else [])
     print(f"lomar {name}: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from lomar.checkpoints.io import atomic_write, log_record, open_in_place, read_log
 
-__all__ = ["truncate_metrics", "evaluation_logged", "evaluated_after"]
+__all__ = ["truncate_metrics", "evaluation_logged", "evaluation_at", "evaluated_after", "scored"]
 
 _BLOCK = 1 << 14  # the bytes read at a time: a resume holds the log a block at a time, not whole
 
@@ -58,16 +58,35 @@ def truncate_metrics(path: Path, step: int) -> None:
 def evaluation_logged(path: Path, step: int) -> bool:
     """Whether the log ``path`` holds an evaluation's record of ``step`` (one without the ``lr`` of a training step's
     record), read backwards from its end down to the records of earlier steps."""
+    return evaluation_at(path, step) is not None
+
+
+def evaluation_at(path: Path, step: int) -> dict | None:
+    """The last evaluation's record of ``step`` in the log ``path`` (one without a training step's ``lr``), read
+    backwards from its end down to the records of earlier steps; None when it holds none."""
     if not path.is_file():
-        return False
+        return None
     with open_in_place(path, "rb") as handle:
         for _, line in _lines_backward(handle):
             record = log_record(line.decode("utf-8", "replace"))
             if record is None or record["step"] > step:
                 continue
             if record["step"] < step:
-                return False
+                return None
             if "lr" not in record:
+                return record
+    return None
+
+
+def scored(path: Path, metric: str) -> bool:
+    """Whether the log ``path`` holds an evaluation's record that scored ``metric`` (not None), read backwards from
+    its end: a run evaluates every epoch or so, the whole file is read only when none did."""
+    if not path.is_file():
+        return False
+    with open_in_place(path, "rb") as handle:
+        for _, line in _lines_backward(handle):
+            record = log_record(line.decode("utf-8", "replace"))
+            if record is not None and "lr" not in record and record.get(metric) is not None:
                 return True
     return False
 

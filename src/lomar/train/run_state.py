@@ -39,6 +39,7 @@ from lomar.checkpoints.own_names import TEMPORARY_SUFFIX, made_beside_each
 from lomar.checkpoints.run_folder import sharded_checkpoint
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
+from lomar.train.rewound_best import rewind_best
 from lomar.train.run_lock import RunLock, holds_run_lock
 from lomar.train.run_logs import evaluated_after, truncate_metrics
 from lomar.train.setting_names import as_given, source_of
@@ -376,6 +377,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
             refuse_link(path)
         if config.overwrite:
             remove_newer_checkpoints(out, step, task.outputs, resume, task.final_outputs)
+        rewind_best(out, step, resume, name, task.best_metric, task.eval_log)  # the log's record of step: uncut
         if evaluated_after(out / task.eval_log, step):  # each evaluation rewrote them: a dropped step's
             for path in (out / name for name in task.evaluation_outputs):
                 remove_tree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)

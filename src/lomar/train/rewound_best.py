@@ -1,0 +1,58 @@
+"""The one rule of a resume's ``best.pt`` (finetune, detect, segment): the best evaluation's weights among the steps
+the resumed run keeps.
+
+A resume from ``checkpoint-N.pt`` (a rewind, ``--resume OUT/checkpoint-N.pt --overwrite``, or ``--resume auto``
+after a kill between ``best.pt`` and the checkpoint that follows it) drops the steps after N, and every reader of the
+folder (predict, ``lomar.load_model``, export, ``--pretrained``) takes ``best.pt`` first. A ``best.pt`` of a step
+after N goes. The run carries on from the best score checkpoint N records (the best up to N: :mod:`lifecycle`
+restores it), so the next evaluation above it writes ``best.pt`` again. When checkpoint N is itself that best (its
+step scored it), ``best.pt`` is written from it: the same weights, position and task state a save at N wrote.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lomar.checkpoints.file_names import BEST
+from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.train.monitor import metric_text
+from lomar.train.run_logs import evaluation_at
+
+__all__ = ["rewind_best"]
+
+# what a training checkpoint holds besides best.pt's model, task state, epoch, step and precision
+_TRAINING_ONLY = ("optimizer", "scaler", "batches_done", "rng", "rng_ranks", "steps_per_epoch", "evaluated_step",
+                  "skipped_ranks")
+_RECORD_ONLY = ("step", "epoch", "partial", "epoch_s")  # an evaluation record's keys besides its metrics
+
+
+def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | None, eval_log: str) -> None:
+    """Main process, run lock held, before the logs are cut back to ``step``: make ``out/best.pt`` one of the steps a
+    resume from ``resume`` (at ``step``) keeps. One of a later step goes, saying so (command ``name``); it is written
+    from ``resume`` when that checkpoint's step scored the best ``metric`` it records (its record in ``eval_log``)."""
+    best = out / BEST
+    if not metric or not best.is_file() or (dropped := _step_of(best)) is None or dropped <= step:
+        return  # an unreadable one is no step's: readers refuse it, naming it
+    ckpt = safe_load(resume, mmap=True) if resume.is_file() else {}  # a sharded run's folder writes no best.pt
+    record = evaluation_at(out / eval_log, step) if ckpt.get("evaluated_step") == step else None
+    carried = ckpt.get(f"best_{metric}")
+    if record is None or record.get(metric) is None or carried is None or record[metric] < carried:
+        best.unlink()
+        kept = f" up to step {step} ({metric_text(metric, carried)})" if carried is not None else ""
+        print(f"lomar {name}: note: removed {best} (step {dropped}), of a step this resume drops; the next "
+              f"evaluation above the best{kept} writes it again", file=sys.stderr, flush=True)
+        return
+    state = {k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY and not k.startswith("best_")}
+    state["metrics"] = {k: v for k, v in record.items() if k not in _RECORD_ONLY and not k.startswith("best_")}
+    atomic_save(state, best)
+
+
+def _step_of(path: Path) -> int | None:
+    """The step a ``best.pt`` holds; None when it cannot be read or holds no step."""
+    try:
+        state = safe_load(path, mmap=True)
+    except (OSError, ValueError):
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None

@@ -1,0 +1,75 @@
+"""A resume's best.pt (lomar.train.rewound_best): every reader of a run folder takes best.pt first, so a resume
+from checkpoint N leaves none of a step after N, and the run writes the next one above the best up to N."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from toy_run import ToyConfig, ToyTask
+
+from lomar.checkpoints.io import safe_load
+from lomar.train.lifecycle import run
+
+
+class _Scripted(ToyTask):
+    """Each epoch's end (steps 4, 8, 12) scores what ``scores`` says for its step."""
+
+    scores: dict[int, float] = {}
+
+    def evaluate(self):
+        return {"score": self.scores[self.progress.step]}
+
+
+def _run_to_12_keeping_8(out, scores: dict[int, float]) -> None:
+    _Scripted.scores = scores
+    assert run(ToyConfig(out=str(out), max_steps=8), _Scripted) == 0
+    shutil.copy(out / "last.pt", out / "checkpoint-000008.pt")
+    assert run(ToyConfig(out=str(out), max_steps=12, resume="auto"), _Scripted) == 0
+
+
+def _rewind_to_8(out, scores: dict[int, float]) -> int:
+    _Scripted.scores = scores
+    return run(ToyConfig(out=str(out), max_steps=12, resume=str(out / "checkpoint-000008.pt"), overwrite=True),
+               _Scripted)
+
+
+def test_a_rewind_past_the_best_step_leaves_no_later_best_and_the_next_better_evaluation_writes_one(tmp_path,
+                                                                                                    capsys):
+    out = tmp_path / "run"
+    _run_to_12_keeping_8(out, {4: 0.6, 8: 0.5, 12: 0.9})
+    assert safe_load(out / "best.pt")["step"] == 12
+    capsys.readouterr()
+    assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0  # below step 4's 0.6, the best up to 8
+    said = capsys.readouterr()
+    assert not (out / "best.pt").exists()  # step 12's of the dropped run; step 4's weights were overwritten by it
+    assert "removed" in said.err and "best.pt (step 12)" in said.err and "up to step 8 (score 0.6)" in said.err
+    assert "no best.pt: no evaluation since a resume removed it beat score 0.6" in said.out.splitlines()[-1]
+    assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.7}) == 0
+    best = safe_load(out / "best.pt")
+    assert (best["step"], best["metrics"]) == (12, {"score": 0.7})
+    assert "best score 0.7 in" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_rewind_that_keeps_the_best_step_keeps_its_best(tmp_path):
+    out = tmp_path / "run"
+    _run_to_12_keeping_8(out, {4: 0.9, 8: 0.5, 12: 0.6})
+    kept = (out / "best.pt").read_bytes()
+    assert _rewind_to_8(out, {4: 0.9, 8: 0.5, 12: 0.6}) == 0
+    assert (out / "best.pt").read_bytes() == kept and safe_load(out / "best.pt")["step"] == 4
+
+
+def test_a_rewind_to_the_best_step_writes_its_best_from_that_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    _Scripted.scores = {4: 0.5, 8: 0.7, 12: 0.9}
+    assert run(ToyConfig(out=str(out), max_steps=8), _Scripted) == 0
+    shutil.copy(out / "last.pt", out / "checkpoint-000008.pt")
+    saved = safe_load(out / "best.pt")  # step 8's, as its save wrote it
+    assert run(ToyConfig(out=str(out), max_steps=12, resume="auto"), _Scripted) == 0
+    assert run(ToyConfig(out=str(out), max_steps=8, resume=str(out / "checkpoint-000008.pt"), overwrite=True),
+               _Scripted) == 0  # to the run's end: nothing to train
+    best = safe_load(out / "best.pt")
+    assert best.keys() == saved.keys() and {k: v for k, v in best.items() if k != "model"} == {
+        k: v for k, v in saved.items() if k != "model"}
+    assert best["step"] == 8 and best["metrics"] == {"score": 0.7}
+    assert all(torch.equal(best["model"][k], saved["model"][k]) for k in saved["model"])
