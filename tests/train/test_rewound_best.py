@@ -73,3 +73,15 @@ def test_a_rewind_to_the_best_step_writes_its_best_from_that_checkpoint(tmp_path
         k: v for k, v in saved.items() if k != "model"}
     assert best["step"] == 8 and best["metrics"] == {"score": 0.7}
     assert all(torch.equal(best["model"][k], saved["model"][k]) for k in saved["model"])
+
+
+def test_a_resume_auto_after_a_kill_between_best_and_its_checkpoint_leaves_no_best_of_a_dropped_step(tmp_path):
+    # best.pt is written before the checkpoint of its step: a kill between them leaves last.pt at the step before
+    out = tmp_path / "run"
+    _Scripted.scores = {4: 0.5, 6: 0.1, 8: 0.9}
+    assert run(ToyConfig(out=str(out), max_steps=4), _Scripted) == 0
+    shutil.copy(out / "last.pt", tmp_path / "step4.pt")
+    assert run(ToyConfig(out=str(out), max_steps=8, resume="auto"), _Scripted) == 0
+    shutil.copy(tmp_path / "step4.pt", out / "last.pt")
+    assert run(ToyConfig(out=str(out), max_steps=6, resume="auto"), _Scripted) == 0  # ends before step 8
+    assert safe_load(out / "best.pt")["step"] == 4  # step 4's, the best up to it, not the dropped step 8's
