@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lomar.checkpoints.io import atomic_write_bytes
@@ -30,6 +31,7 @@ __all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "s
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 _PNG_LEVEL = 1  # zlib level of a saved PNG
+_ROW_GAP = 0.03  # between two rows of images, a fraction of an image's height: about the gap between two columns
 
 
 def _unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -179,12 +181,15 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     # MAE masks the whole image: a windows column would repeat the original with nothing drawn on it
     views = {"original": parts["original"], **({"sampled windows": parts["original"]} if plan is not None else {}),
              "masked input": parts["masked"], "reconstruction": parts["reconstruction"]}
-    axes = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
+    frames = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
     for row, windows in enumerate(plan.top_left.tolist() if plan is not None else []):
+        frame = frames[row, 1]
+        x, y = frame.get_xy()
         for top, left in windows:
             side = plan.window_size * p
-            axes[row, 1].add_patch(Rectangle((left * p - 0.5, top * p - 0.5), side, side, fill=False,
-                                             edgecolor="yellow", linewidth=1.5))
+            # clipped to its image, as a panel axes clips it
+            frame.axes.add_patch(Rectangle((x + left * p, y + top * p), side, side, fill=False, edgecolor="yellow",
+                                           linewidth=1.5, clip_path=frame))
     fig.suptitle(f"{title or f'{type(model).__name__} reconstruction'} (loss {parts['loss']:.3f})\n"
                  f"{masking_note(model, images.shape[-2:], plan)}")
     fig.supxlabel(_caption(model.norm_pix_loss, plan is not None), fontsize=9)
@@ -211,18 +216,35 @@ def masking_note(model, size: tuple[int, int], plan: MaskingPlan | None = None) 
 
 
 def image_rows(fig: Figure, columns: dict[str, torch.Tensor], **imshow):
-    """One row per image, one titled column per entry of ``columns`` (name: images (N, H, W, C)), no
-    ticks; returns the (N, columns) axes."""
-    n = len(next(iter(columns.values())))
-    axes = fig.subplots(n, len(columns), squeeze=False)
-    for col, (name, view) in enumerate(columns.items()):
-        axes[0, col].set_title(name)
-        for row in range(n):
-            axes[row, col].imshow(view[row].cpu().numpy(), **imshow)
-            # no ticks: hidden axes draw nothing else, and laying out a panel then skips their tick bookkeeping
-            axes[row, col].xaxis.set_visible(False)
-            axes[row, col].yaxis.set_visible(False)
-    return axes
+    """One row per image, one titled column per entry of ``columns`` (name: images (N, H, W, C)), each image framed,
+    no ticks; returns the (N, columns) frames: Rectangles around the images, in their column axes' coordinates, the
+    first column's pixels (every image is drawn at the first column's size, a token map's cells stretched to it).
+
+    A column is one axes holding its N images, a gap of :data:`_ROW_GAP` of an image's height between them: a panel
+    axes each costs several times more to build and lay out than its image costs to draw."""
+    # matplotlib is slow to import: only when a figure is drawn
+    from matplotlib import rcParams
+    from matplotlib.patches import Rectangle
+
+    n, height, width = next(iter(columns.values())).shape[:3]
+    tops = [row * height * (1 + _ROW_GAP) for row in range(n)]
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    frames = []
+    for ax, (name, view) in zip(axes, columns.items()):
+        ax.set_title(name)
+        # no ticks (hidden axes are also left out of the layout's measuring), and each image gets its own frame
+        # where a panel axes has its spines
+        ax.xaxis.set_visible(False)
+        ax.yaxis.set_visible(False)
+        ax.set_frame_on(False)
+        for row, top in enumerate(tops):
+            ax.imshow(view[row].cpu().numpy(), extent=(-0.5, width - 0.5, top + height - 0.5, top - 0.5), **imshow)
+        ax.set(xlim=(-0.5, width - 0.5), ylim=(tops[-1] + height - 0.5, -0.5))
+        frames.append([ax.add_patch(Rectangle((-0.5, top - 0.5), width, height, fill=False, clip_on=False,
+                                              edgecolor=rcParams["axes.edgecolor"],
+                                              linewidth=rcParams["axes.linewidth"], zorder=2.5))
+                       for top in tops])
+    return np.array(frames, dtype=object).T
 
 
 def _caption(norm_pix: bool, windows: bool) -> str:
