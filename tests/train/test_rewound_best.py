@@ -1,5 +1,5 @@
 """A resume's best.pt (lomar.train.rewound_best): every reader of a run folder takes best.pt first, so a resume
-from checkpoint N leaves none of a step after N, and the run writes the next one above the best up to N."""
+from checkpoint N leaves none of a step after N, and the run writes the next one that reaches the best up to N."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_a_rewind_past_the_best_step_leaves_no_later_best_and_the_next_better_ev
     said = capsys.readouterr()
     assert not (out / "best.pt").exists()  # step 12's of the dropped run; step 4's weights were overwritten by it
     assert "removed" in said.err and "best.pt (step 12)" in said.err and "up to step 8 (score 0.6)" in said.err
-    assert "no best.pt: no evaluation since a resume removed it beat score 0.6" in said.out.splitlines()[-1]
+    assert "no best.pt: no evaluation since a resume removed it reached score 0.6" in said.out.splitlines()[-1]
     assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.7}) == 0
     best = safe_load(out / "best.pt")
     assert (best["step"], best["metrics"]) == (12, {"score": 0.7})

@@ -5,8 +5,9 @@ A resume from ``checkpoint-N.pt`` (a rewind, ``--resume OUT/checkpoint-N.pt --ov
 after a kill between ``best.pt`` and the checkpoint that follows it) drops the steps after N, and every reader of the
 folder (predict, ``lomar.load_model``, export, ``--pretrained``) takes ``best.pt`` first. A ``best.pt`` of a step
 after N goes. The run carries on from the best score checkpoint N records (the best up to N: :mod:`lifecycle`
-restores it), so the next evaluation above it writes ``best.pt`` again. When checkpoint N is itself that best (its
-step scored it), ``best.pt`` is written from it: the same weights, position and task state a save at N wrote.
+restores it), so the next evaluation that reaches it (a save keeps a tie's) writes ``best.pt`` again. When
+checkpoint N is itself that best (its step scored it), ``best.pt`` is written from it: the same weights, position,
+task state and scores a save at N wrote.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
         best.unlink()
         kept = f" up to step {step} ({metric_text(metric, carried)})" if carried is not None else ""
         print(f"lomar {name}: note: removed {best} (step {dropped}), of a step this resume drops; the next "
-              f"evaluation above the best{kept} writes it again", file=sys.stderr, flush=True)
+              f"evaluation that reaches the best{kept} writes it again", file=sys.stderr, flush=True)
         return
     state = {k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY and not k.startswith("best_")}
     state["metrics"] = {k: v for k, v in record.items() if k not in _RECORD_ONLY and not k.startswith("best_")}

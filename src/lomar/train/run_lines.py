@@ -68,7 +68,8 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
         if best.exists():
             said = f"best {metric_text(metric, trainer.best)} in {best}"
         elif scored(out / task.eval_log, metric):  # a resume removed one of a step it dropped (rewound_best)
-            said = f"no {best.name}: no evaluation since a resume removed it beat {metric_text(metric, trainer.best)}"
+            reached = metric_text(metric, trainer.best)
+            said = f"no {best.name}: no evaluation since a resume removed it reached {reached}"
         else:
             said = f"no {best.name}: no full epoch scored a {metric} yet"
         extra = ", ".join(filter(None, [said, extra]))
