@@ -38,7 +38,8 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
     ckpt = safe_load(resume, mmap=True) if resume.is_file() else {}  # a sharded run's folder writes no best.pt
     record = evaluation_at(out / eval_log, step) if ckpt.get("evaluated_step") == step else None
     carried = ckpt.get(f"best_{metric}")
-    if record is None or record.get(metric) is None or carried is None or record[metric] < carried:
+    # the save's own test (lifecycle's _save_files), a NaN's no best
+    if record is None or record.get(metric) is None or carried is None or not record[metric] >= carried:
         best.unlink()
         kept = f" up to step {step} ({metric_text(metric, carried)})" if carried is not None else ""
         print(f"lomar {name}: note: removed {best} (step {dropped}), of a step this resume drops; the next "
