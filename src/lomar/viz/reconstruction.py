@@ -31,7 +31,7 @@ __all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "s
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 _PNG_LEVEL = 1  # zlib level of a saved PNG
-_ROW_GAP = 0.03  # between two rows of images, a fraction of an image's height: about the gap between two columns
+_ROW_GAP = 0.0286  # between rows of images, a fraction of their height: the gap constrained layout leaves
 
 
 def _unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
