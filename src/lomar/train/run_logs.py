@@ -64,46 +64,40 @@ def evaluation_logged(path: Path, step: int) -> bool:
 def evaluation_at(path: Path, step: int) -> dict | None:
     """The last evaluation's record of ``step`` in the log ``path`` (one without a training step's ``lr``), read
     backwards from its end down to the records of earlier steps; None when it holds none."""
-    if not path.is_file():
-        return None
-    with open_in_place(path, "rb") as handle:
-        for _, line in _lines_backward(handle):
-            record = log_record(line.decode("utf-8", "replace"))
-            if record is None or record["step"] > step:
-                continue
-            if record["step"] < step:
-                return None
-            if "lr" not in record:
-                return record
+    for record in _records_backward(path):
+        if record["step"] < step:
+            return None
+        if record["step"] == step and "lr" not in record:
+            return record
     return None
 
 
 def scored(path: Path, metric: str) -> bool:
     """Whether the log ``path`` holds an evaluation's record that scored ``metric`` (not None), read backwards from
     its end: a run evaluates every epoch or so, the whole file is read only when none did."""
-    if not path.is_file():
-        return False
-    with open_in_place(path, "rb") as handle:
-        for _, line in _lines_backward(handle):
-            record = log_record(line.decode("utf-8", "replace"))
-            if record is not None and "lr" not in record and record.get(metric) is not None:
-                return True
-    return False
+    return any("lr" not in record and record.get(metric) is not None for record in _records_backward(path))
 
 
 def evaluated_after(path: Path, step: int) -> bool:
     """Whether the log ``path`` holds an evaluation's record (one without a training step's ``lr``) of a step past
     ``step``, read backwards from its end down to the records of ``step`` and earlier."""
+    for record in _records_backward(path):
+        if record["step"] <= step:
+            return False
+        if "lr" not in record:
+            return True
+    return False
+
+
+def _records_backward(path: Path) -> Iterator[dict]:
+    """The step records of the log ``path``, the last first (a line that is none passed over); none without a file.
+    The file stays open until the caller stops asking."""
     if not path.is_file():
-        return False
+        return
     with open_in_place(path, "rb") as handle:
         for _, line in _lines_backward(handle):
-            record = log_record(line.decode("utf-8", "replace"))
-            if record is not None and record["step"] <= step:
-                return False
-            if record is not None and "lr" not in record:
-                return True
-    return False
+            if (record := log_record(line.decode("utf-8", "replace"))) is not None:
+                yield record
 
 
 def _ends_line(handle: BinaryIO) -> bool:
