@@ -280,3 +280,19 @@ def test_a_path_with_spaces_split_among_a_list_of_operands_is_named_quoted(comma
     assert capsys.readouterr().err.startswith(f"lomar {command}: error: new does not exist; {said} 'new photos' (")
     assert main([command, "exports/my vit 448", "a.jpg", "--out", "my", "out"]) == 2  # left over, then listed
     assert f"out does not exist; {said} --out 'my out' (" in capsys.readouterr().err
+
+
+def test_a_path_split_into_an_optional_operand_is_named_quoted(tmp_path, monkeypatch, capsys):
+    """knn's and linprobe's optional PRETRAINED operand takes the word after a split path (`--data My Photos`:
+    'Photos'), so argparse leaves none over: the word that names nothing is said with the path quoted."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "My Photos").mkdir()
+    (tmp_path / "exports" / "my vit").mkdir(parents=True)
+    said = "quote a path with spaces, which the shell splits at them:"
+    for command in ("knn", "linprobe"):
+        assert main([command, "--data", "My", "Photos"]) == 2
+        assert capsys.readouterr().err == (f"lomar {command}: error: Photos does not exist; {said} --data 'My Photos' "
+                                           f"(see lomar {command} --help)\n")
+    assert main(["knn", "--pretrained", "exports/my", "vit", "--data", "d"]) == 2
+    assert capsys.readouterr().err.endswith(f"vit does not exist; {said} --pretrained 'exports/my vit' (see lomar "
+                                            "knn --help)\n")

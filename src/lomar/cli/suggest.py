@@ -141,12 +141,16 @@ def operand_list(parser: argparse.ArgumentParser) -> argparse.Action | None:
 
 
 def split_operand(argv: list[str], parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """'vit does not exist; quote a path with spaces ...: 'exports/my vit 448'' for the first operand of the
-    command's list that names nothing and, with its neighbours, a path with spaces the shell split; '' otherwise.
-    A list of operands takes every word, so argparse leaves none over for the unknown-argument line's hint."""
-    action = operand_list(parser)
-    missing = [given for given in (getattr(args, action.dest, None) or []) if not os.path.lexists(given)] \
-        if action is not None else []
+    """'vit does not exist; quote a path with spaces ...: 'exports/my vit 448'' for the first of the command's
+    operands that names nothing and, with its neighbours, a path with spaces the shell split; '' otherwise. A list of
+    operands (predict's IMAGES) takes every word, and an optional one (knn's PRETRAINED) the word after a split flag
+    value, so argparse leaves none over for the unknown-argument line's hint."""
+    given: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings and action.nargs in ("?", "*", "+"):
+            value = getattr(args, action.dest, None)
+            given += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    missing = [path for path in given if not os.path.lexists(path)]
     hint = split_at_spaces(argv, missing, parser, starting=True) if missing else ""
     return f"{missing[0]} does not exist{hint}" if hint else ""
 
