@@ -10,8 +10,7 @@ import shlex
 from itertools import islice
 
 __all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "listed", "brief", "parse_device",
-           "parse_duration",
-           "duration_text", "percent_text", "command_line"]
+           "parse_duration", "duration_text", "percent_text", "command_line"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).

@@ -37,7 +37,7 @@ from lomar.models.probe_classifier import pooled_features
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.progress_bar import progress
-from lomar.values import brief, is_integer
+from lomar.values import brief, is_integer, listed
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "eval_load", "extract_features",
            "read_features", "check_read", "skipped_note", "check_split", "Pool"]
@@ -61,13 +61,10 @@ class LoadReport:
 
     def summary(self, flags: dict[str, str] | None = None) -> str:
         """One line; its notes, which name the Python parameters, in a command's ``flags`` (:func:`in_flags`)."""
-        def short(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
-
         # a classifier's new head.weight and the pretraining head's unused one share a name
         dropped = [f"the source's {key}" if key in self.fresh else key for key in self.dropped]
         text = (f"loaded {self.loaded} tensors from {self.source} {self.path}; "
-                f"newly initialised: {short(self.fresh)}; not used: {short(dropped)}")
+                f"newly initialised: {listed(self.fresh, 6) or 'none'}; not used: {listed(dropped, 6) or 'none'}")
         return text + "".join(f"; {in_flags(note, flags or {})}" for note in self.notes)
 
 
