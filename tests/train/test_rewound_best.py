@@ -85,3 +85,12 @@ def test_a_resume_auto_after_a_kill_between_best_and_its_checkpoint_leaves_no_be
     shutil.copy(tmp_path / "step4.pt", out / "last.pt")
     assert run(ToyConfig(out=str(out), max_steps=6, resume="auto"), _Scripted) == 0  # ends before step 8
     assert safe_load(out / "best.pt")["step"] == 4  # step 4's, the best up to it, not the dropped step 8's
+
+
+def test_a_run_ending_inside_its_first_epoch_says_no_full_epoch_scored_not_that_a_resume_removed_best(tmp_path,
+                                                                                                     capsys):
+    # its end's evaluation is partial: logged with a score, no best.pt candidate, and no resume removed anything
+    assert run(ToyConfig(out=str(tmp_path / "run"), max_steps=3), ToyTask) == 0  # an epoch is 4 steps
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert "no best.pt: no full epoch scored a score yet" in done and "resume" not in done

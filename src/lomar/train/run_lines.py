@@ -12,7 +12,6 @@ from pathlib import Path
 from lomar.checkpoints.file_names import BEST, METRICS
 from lomar.train.monitor import input_limit_note, metric_text, resume_hint
 from lomar.train.precision import auto_precision, emulated_bf16_notes
-from lomar.train.run_logs import scored
 from lomar.train.schedule import shortened_warning, warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
@@ -67,7 +66,7 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
         best = out / BEST
         if best.exists():
             said = f"best {metric_text(metric, trainer.best)} in {best}"
-        elif scored(out / task.eval_log, metric):  # a resume removed one of a step it dropped (rewound_best)
+        elif trainer.best > -math.inf:  # a best so far without its best.pt: a resume removed a dropped step's one
             reached = metric_text(metric, trainer.best)
             said = f"no {best.name}: no evaluation since a resume removed it reached {reached}"
         else:

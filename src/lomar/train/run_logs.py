@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from lomar.checkpoints.io import atomic_write, log_record, open_in_place, read_log
 
-__all__ = ["truncate_metrics", "evaluation_logged", "evaluation_at", "evaluated_after", "scored"]
+__all__ = ["truncate_metrics", "evaluation_logged", "evaluation_at", "evaluated_after"]
 
 _BLOCK = 1 << 14  # the bytes read at a time: a resume holds the log a block at a time, not whole
 
@@ -70,12 +70,6 @@ def evaluation_at(path: Path, step: int) -> dict | None:
         if record["step"] == step and "lr" not in record:
             return record
     return None
-
-
-def scored(path: Path, metric: str) -> bool:
-    """Whether the log ``path`` holds an evaluation's record that scored ``metric`` (not None), read backwards from
-    its end: a run evaluates every epoch or so, the whole file is read only when none did."""
-    return any("lr" not in record and record.get(metric) is not None for record in _records_backward(path))
 
 
 def evaluated_after(path: Path, step: int) -> bool:
