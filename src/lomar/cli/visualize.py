@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "MAE's whole-image mask) | masked input | reconstruction; for a BEiT pretraining checkpoint "
                      "OUT/tokens.png: image | its tokenizer's tokens | the predicted ones | correct or wrong) and, "
                      "with --attention, OUT/attention-NN-NAME.png per image. "
-                     "CKPT: our pretraining checkpoint (or its run folder: its last.pt is read), one from "
+                     "CKPT: our pretraining checkpoint (or its run folder: its best.pt, else last.pt), one from "
                      "`lomar load-original`, or an original one (an encoder-only checkpoint or export folder gives "
                      "attention figures only).")
     add_settings(parser, {
