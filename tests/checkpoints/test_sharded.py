@@ -181,7 +181,7 @@ def test_a_damaged_data_file_is_one_line_naming_it(tmp_path, genuine, how, capsy
 
 
 def test_the_consolidate_command_says_what_it_wrote_as_the_command_typed(tmp_path, genuine, capsys):
-    # it said 'lomar: wrote ...', where every lomar command's lines begin with the command ('lomar export: ...')
+    # every lomar command's lines begin with the command ('lomar export: ...'), this one's too, not a bare 'lomar:'
     from lomar.train.fsdp import _main as fsdp_cli
 
     assert fsdp_cli(["consolidate", str(genuine), str(tmp_path / "out.pt")]) == 0

@@ -27,7 +27,7 @@ def test_the_start_line_counts_the_split_and_this_process_share_of_it():
                                info=DistInfo(0, world), train_loader=SimpleNamespace(dataset=range(10)),
                                val_loader=SimpleNamespace(dataset=Subset(range(3), range(0, 3, world))))
         assert FinetuneTask.describe(stub).startswith(expected)
-    model.config.depth = 1  # it said '1 blocks'
+    model.config.depth = 1  # singular: '1 block', not '1 blocks'
     assert "; ViT 32 wide, 1 block, 32 px, 0.0M params" in FinetuneTask.describe(stub)
 
 

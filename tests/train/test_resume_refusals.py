@@ -36,8 +36,8 @@ def test_a_resume_the_task_refuses_names_its_cause_not_the_weights_shapes(tmp_pa
 @pytest.mark.parametrize("settings, end, by, fix", [(dict(max_steps=5), 5, "--max-steps 5", "--max-steps 8"),
                                                     (dict(epochs=1), 4, "--epochs 1 of 4 steps", "--epochs 2")])
 def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by, fix):
-    # it said "nothing to do" and wrote a missing export from step 8's weights as the end of a 5-step run; and it
-    # built the Task (finetune's: its pretrained encoder read, the load line printed) before this settings refusal
+    # refused, not "nothing to do" with a missing export written from step 8's weights as the end of a 5-step run;
+    # before the Task is built (finetune's reads its pretrained encoder and prints the load line)
     from lomar.errors import UsageError
 
     class Exporting(ToyTask):

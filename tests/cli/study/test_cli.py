@@ -61,7 +61,7 @@ def test_a_specs_out_that_is_a_file_is_named_as_the_spec_gives_it(tmp_path, caps
     err = capsys.readouterr().err  # the spec's out: (resolved against its folder), not a --out never passed
     assert err == f"lomar study: error: out: {tmp_path / 'afile'} is a file, not a folder; pass a folder\n"
     said = next(action.help for action in build_parser(["study"]).commands["study"]._actions if action.dest == "out")
-    assert said.startswith("study folder (default: the spec's out:, else studies/NAME")  # it said studies/<name>
+    assert said.startswith("study folder (default: the spec's out:, else studies/NAME")  # not studies/<name>
 
 
 def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
