@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from itertools import islice
 from pathlib import Path
 
 from lomar.data.image_names import is_image_name
@@ -34,4 +35,4 @@ def not_a_class_root(root: Path) -> str:
 def _first_entries(folder: Path, limit: int = 1000) -> list[os.DirEntry]:
     """At most ``limit`` entries of ``folder``: enough to tell a folder of images, without listing a large one."""
     with os.scandir(folder) as entries:
-        return [entry for _, entry in zip(range(limit), entries)]
+        return list(islice(entries, limit))
