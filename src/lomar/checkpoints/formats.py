@@ -301,9 +301,9 @@ def _export_folder_of(path: Path) -> Path | None:
 
 def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     """Load what ``path`` names once and :func:`identify` it (``mmap``: map a checkpoint's tensors instead of reading
-    them, enough to tell its format). A run folder without an export is its best.pt, else last.pt
-    (:func:`~lomar.checkpoints.export_leftovers.readable_file`, the rule every reader follows). Raises
-    FileNotFoundError or ValueError naming the problem."""
+    them, enough to tell its format). A run folder without an export is its best.pt, else last.pt, else the
+    checkpoint-N.dcp its last.json names (:func:`~lomar.checkpoints.export_leftovers.readable_file`, the rule every
+    reader follows). Raises FileNotFoundError or ValueError naming the problem."""
     path = readable_file(given := Path(path))
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
         return identify(path, read_sharded(path))
@@ -358,10 +358,10 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``, ``decoder_num_heads``) fill in
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
-    refused. A run folder without an export is read through its best.pt, else last.pt, as every reader reads one
-    (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose export is set aside (interrupted, or under
-    way) is refused, naming the set-aside export. Raises ValueError or FileNotFoundError with a message that names
-    the problem.
+    refused. A run folder without an export is read through its best.pt, else last.pt, else the checkpoint-N.dcp its
+    last.json names, as every reader reads one (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose
+    export is set aside (interrupted, or under way) is refused, naming the set-aside export. Raises ValueError or
+    FileNotFoundError with a message that names the problem.
     """
     reader, src = read(path)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})

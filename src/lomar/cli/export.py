@@ -24,8 +24,9 @@ CHECKPOINT = Setting(None, "checkpoint file, exported folder or run folder", kin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("CKPT: our pretraining checkpoint (last.pt), a finetuned classifier checkpoint, a "
                      "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint (a BEiT one is "
-                     "exported in timm's Beit layout); a run folder without an export is read as its best.pt, "
-                     "else last.pt, as every reader reads one. Load the "
+                     "exported in timm's Beit layout), or a sharded --fsdp checkpoint-N.dcp folder; a run folder "
+                     "without an export is read as its best.pt, else last.pt, else the checkpoint-N.dcp its "
+                     "last.json names, as every reader reads one. Load the "
                      "result with lomar.create_encoder(DIR), or in timm after `import lomar.timm_models`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
     add_settings(parser, {
