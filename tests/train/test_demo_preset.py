@@ -26,7 +26,7 @@ def test_demo_schedule_draws_several_figures_and_stays_cpu_sized(tmp_path, capsy
 def test_demo_model_learns_within_a_few_dozen_steps(tmp_path, capsys):
     out = tmp_path / "run"
     # --save-every 6: no checkpoint before the run ends at step 40 (7 steps an epoch), so no figure between the
-    # first and the last, the two the test reads (a mid-run checkpoint and figure took a tenth of its time)
+    # first and the last, the two the test reads (a mid-run checkpoint and figure take a tenth of its time)
     assert main(["pretrain", "--out", str(out), "--max-steps", "40", "--epochs", "6", "--warmup-epochs", "1",
                  "--save-every", "6"]) == 0
     values = losses(out)

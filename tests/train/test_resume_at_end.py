@@ -28,7 +28,7 @@ def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
 
 
 def test_a_finished_run_resumed_leaves_its_folder_as_it_is(tmp_path):
-    # "nothing to do" rewrote config.yaml (recording the resume's run-control flags) and metrics.jsonl
+    # "nothing to do" rewrites neither config.yaml (which would record the resume's run-control flags) nor metrics.jsonl
     out = tmp_path / "run"
     assert run(ToyConfig(out=str(out)), ToyTask) == 0
 

@@ -147,7 +147,8 @@ def test_a_rewind_removes_the_export_of_the_steps_it_drops(tmp_path):
 
 
 def test_a_resume_removes_the_evaluation_files_of_the_steps_its_log_drops(tmp_path):
-    """segment's predictions/ and per_class.md of the evaluation at step 5 stayed beside a run resumed at step 3."""
+    """segment's predictions/ and per_class.md of an evaluation at step 5 go with a resume at step 3, which drops it;
+    a resume at step 5 keeps them."""
     class Segmenting(_Task):
         evaluation_outputs = ("predictions", "per_class.md")
 
@@ -162,8 +163,8 @@ def test_a_resume_removes_the_evaluation_files_of_the_steps_its_log_drops(tmp_pa
 
 
 def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):
-    """A rewound run that dies before its first checkpoint (killed, out of memory) left last.pt at the dropped
-    step 5 while checkpoint-000005.pt and the metrics past step 3 were gone: --resume auto took step 5 up again."""
+    """A rewound run that dies before its first checkpoint (killed, out of memory) leaves last.pt at step 3, the
+    state it resumed from, not the dropped step 5, whose checkpoint and metrics are gone: --resume auto takes step 3."""
     out = _run_folder(tmp_path / "run", 5, seed=0)
     atomic_save(_state(3), out / "checkpoint-000003.pt")
     prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), _Task(),
@@ -175,7 +176,8 @@ def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):
 
 def test_a_new_run_does_not_delete_files_of_a_folder_that_holds_no_run(tmp_path):
     """--out DIR holding no run of lomar's (no config.yaml, no checkpoint) but a tb/ or metrics.jsonl of something
-    else: a new run, not told --overwrite, deleted them (tb/ with rmtree) as an earlier run's leftovers."""
+    else: a new run, not told --overwrite, is refused rather than delete them (tb/ with rmtree) as an earlier run's
+    leftovers; told it, it deletes them."""
     out = tmp_path / "mine"
     (out / "tb").mkdir(parents=True)
     (out / "tb" / "events").write_text("someone's logs")

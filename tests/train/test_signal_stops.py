@@ -29,8 +29,8 @@ def _signalled_in_evaluation(task: type, step: int, sent: int) -> type:
 def test_a_stop_signal_during_an_epochs_last_evaluation_stops_the_run_there_and_the_resume_ends_the_epoch(tmp_path,
                                                                                                      monkeypatch):
     """The signal comes after the step's stop check (here: in its evaluation, at the epoch's last step). The run stops
-    right after the evaluation, its epoch not asked for again (heeding the flag without the ranks' agreement left the
-    epoch neither ended nor resumable, and the loop asked for it again forever); the resume ends the epoch and trains
+    right after the evaluation, its epoch not asked for again (heeding the flag without the ranks' agreement would
+    leave the epoch neither ended nor resumable, the loop asking for it forever); the resume ends the epoch and trains
     on as the run without the signal does."""
     from lomar.train import lifecycle
 
