@@ -296,3 +296,7 @@ def test_a_path_split_into_an_optional_operand_is_named_quoted(tmp_path, monkeyp
     assert main(["knn", "--pretrained", "exports/my", "vit", "--data", "d"]) == 2
     assert capsys.readouterr().err.endswith(f"vit does not exist; {said} --pretrained 'exports/my vit' (see lomar "
                                             "knn --help)\n")
+    (tmp_path / "exports" / "my vit b").mkdir()  # the operand took 'vit', 'b' is left over: the line names the path
+    assert main(["knn", "--pretrained", "exports/my", "vit", "b", "--data", "d"]) == 2
+    assert capsys.readouterr().err.endswith(f"vit does not exist; {said} --pretrained 'exports/my vit b' (see lomar "
+                                            "knn --help)\n")

@@ -236,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             own = command_parser(parser, args)
             if unknown := _operands_after_flags(own, args, unknown):
+                # a path split into more words than a flag and an optional operand took: the operand's word is named
+                if not (split := split_at_spaces(argv, unknown, own)) and (operand := split_operand(argv, own, args)):
+                    own.error(operand)
                 # every command's parser, built on this error's path only: `lomar knn --accum-steps` is told whose
                 own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}"
-                          f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}"
-                          f"{split_at_spaces(argv, unknown, own)}")
+                          f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}{split}")
         if split := split_operand(argv, own := command_parser(parser, args), args):
             own.error(split)
     except SystemExit as exc:  # --help, --version, a usage error: already printed
