@@ -209,7 +209,7 @@ def test_an_evaluation_that_fails_on_its_data_keeps_what_the_run_trained(tmp_pat
 
 @pytest.mark.slow
 def test_an_evaluation_that_fails_on_the_main_rank_alone_keeps_what_the_run_trained(tmp_path):
-    # under DDP the main rank raised without a save (the others could not join it): the epoch's 4 steps were lost
+    # under DDP every rank joins the save before the main rank's error: the epoch's 4 steps are kept
     raised = run_two_ranks(FailsToScoreOnMain, tmp_path, "the other rank waited for the failed one", errors=True,
                            epochs=2)
     assert raised == ["TrainingError: no image of the k-NN data could be read; fix or replace them",

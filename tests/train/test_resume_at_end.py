@@ -75,7 +75,7 @@ def test_a_finished_run_resumed_answers_without_building_the_run(tmp_path, capsy
 
 
 def test_a_finished_run_resumed_draws_its_missing_curves_again(tmp_path, capsys):
-    # it wrote a missing export again but not a deleted loss.png, drawn from the log alone
+    # a deleted curve is drawn again from the log alone, as a missing export is written again
     class Curved(ToyTask):
         curves = ("curve.txt",)
 
@@ -149,8 +149,8 @@ def test_a_resume_at_the_end_rewrites_an_export_of_an_earlier_end(tmp_path, caps
 
 
 def test_a_resume_at_the_end_runs_a_missing_final_evaluation_once(tmp_path, capsys):
-    # a run extended past its end and stopped after its new last checkpoint, before its final evaluation: every later
-    # resume said "nothing to do" (the step-3 score stayed the last), built or not
+    # a run extended past its end and stopped after its new last checkpoint, before its final evaluation: a later
+    # resume runs that evaluation, once, rather than say "nothing to do" with the step-3 score the last
     class Scored(ToyTask):
         stop_in_evaluate, builds, evaluations = False, 0, 0
 
@@ -184,8 +184,8 @@ def test_a_resume_at_the_end_runs_a_missing_final_evaluation_once(tmp_path, caps
 
 
 def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_from_it(tmp_path):
-    # detect's finish writes predictions.json from the last evaluation: after the resumed one it kept the earlier
-    # end's predictions (step 3) beside the step-5 score, as final_outputs names none of them
+    # detect's finish writes predictions.json from the last evaluation: after the resumed one, its own, not the
+    # earlier end's (step 3) beside the step-5 score, though final_outputs names none of them
     class Predicting(ToyTask):
         stop_in_evaluate, scored = False, -1
 

@@ -130,8 +130,8 @@ def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
 
 
 def test_a_rewind_removes_the_export_of_the_steps_it_drops(tmp_path):
-    """The export written at the run's end (step 5) stayed beside the run rewound to step 3: a user took the
-    dropped steps' weights for the run's own, until its new end wrote them again."""
+    """The export written at the run's end (step 5) goes with a rewind to step 3: left there, a user would take the
+    dropped steps' weights for the run's own until its new end wrote them again."""
     class Exports(_Task):
         final_outputs = ("encoder.safetensors", "config.json")
 

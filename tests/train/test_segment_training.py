@@ -143,7 +143,7 @@ def test_binary_masks_with_zero_label_class_train_and_score_the_background(digit
 @pytest.mark.parametrize("model, size", [("vit_mini_patch14", "28"), ("vit_mini_patch8", "16")])
 def test_the_smallest_img_size_the_pyramid_tiles_trains_and_evaluates(digits, tmp_path, model, size):
     # twice the patch is the coarsest stride (the max pool of the grid), which the whole-image evaluation pads to;
-    # a multiple of 32 as well was refused: 224 at least for patch 14, 32 for patch 8
+    # no multiple of 32 besides: 28 for patch 14, 16 for patch 8 (a multiple of 32 too would ask 224 and 32)
     out = tmp_path / "run"
     assert _segment(digits, out, "--model", model, "--img-size", size, "--max-steps", "1", "--eval-mode", "whole") == 0
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

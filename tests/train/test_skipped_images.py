@@ -67,7 +67,7 @@ def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path,
 
 def test_a_run_that_skipped_a_detection_or_segmentation_sample_resumes(tmp_path, capsys):
     """coco's and segmentation's datasets name a skipped sample by a Skipped line (a str subclass): saved as one in
-    skipped_ranks, its checkpoint was refused by torch.load(weights_only=True), so the run could not resume."""
+    skipped_ranks, the checkpoint loads under torch.load(weights_only=True), and the run resumes."""
     from lomar.data.collate import Skipped
 
     class Lines(SkippingToy):
