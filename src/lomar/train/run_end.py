@@ -131,8 +131,8 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
         task, config, out, step, trainer.evaluated_step), device)
     missing = [] if trainer is None else missing_outputs(task.final_outputs, out, step)  # unbuilt: run_end found none
     # the step's evaluation is logged, its files are not: made again for them alone
-    rewrite = trainer is not None and not score and any_rank(is_main and bool(unwritten_evaluation(task, out)), device)
-    unwritten = unwritten_evaluation(task, out) if rewrite else []
+    unwritten = unwritten_evaluation(task, out) if trainer is not None and not score and is_main else []
+    rewrite = trainer is not None and not score and any_rank(bool(unwritten), device)  # every process: collective
     logged = (out / METRICS).is_file()
     curves = [name for name in task.curves if not (out / name).exists()] if logged else []
     # an end cut short after its last checkpoint may have been stopped while it drew them: a curve there can be an
