@@ -181,8 +181,9 @@ TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data
                 path=True, resume=_RUN)
 VAL = Setting(None, "ImageFolder root of the validation split, instead of --data (default: ROOT/val)", kind=str,
               path=True, resume=_RUN)
-PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a finished pretrain run's folder, an exported folder, "
-                     "or an original LoMaR / MAE checkpoint", kind=str, path=True, resume=_RUN)
+PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a run folder (its export, else its best.pt, else "
+                     "last.pt), an exported folder, or an original LoMaR / MAE checkpoint", kind=str, path=True,
+                     resume=_RUN)
 # lomar.models.vit.list_models()'s names, written out so that --help needs no torch (a test keeps the two equal)
 MODEL_NAMES = tuple(f"vit_{s}_patch{p}" for s in "mini tiny small base large huge".split() for p in (8, 14, 16))
 MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", choices=MODEL_NAMES, metavar="NAME")
