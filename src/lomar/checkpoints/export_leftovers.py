@@ -167,10 +167,10 @@ def interrupted_export(folder: Path) -> str:
             f"(export again, or rename them back to {names}); ")
 
 
-def _set_aside(folder: Path) -> list[Path]:
+def _set_aside(folder: Path) -> list[tuple[Path, re.Match]]:
     """The export files (config.json, a safetensors file) a write_export set aside in ``folder``, ``.NAME.old-TAG``,
-    whether their writer lives or not."""
-    return [path for path, match in _leftovers(folder) if match["kind"] == "old"]
+    whether their writer lives or not, with their names' parts."""
+    return [(path, match) for path, match in _leftovers(folder) if match["kind"] == "old"]
 
 
 def export_set_aside(folder: Path) -> str:
@@ -182,8 +182,7 @@ def export_set_aside(folder: Path) -> str:
         return words
     if not (aside := _set_aside(folder)):
         return ""
-    files = ", ".join(path.name for path in aside)
-    tags = [_LEFTOVER.fullmatch(path.name) for path in aside]
+    files, tags = ", ".join(path.name for path, _ in aside), [tag for _, tag in aside]
     if holder := _lock_holder(folder):
         return (f"an export into it is under way ({holder}, holding its lock {folder / EXPORT_LOCK}): its previous "
                 f"files are set aside as {files} (read it once that export ends); ")
