@@ -177,10 +177,9 @@ class FinetuneConfig(TaskConfig):
         if self.data and not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data} is not a folder; {layout}")
         for split in split_roots(self):
-            if not split.is_dir() and not (self.data and split.parent == Path(self.data)):
-                raise ConfigError(f"{split} is not a folder; {layout}")  # before torch: a --val that is not there
-            if not split.is_dir():
-                raise ConfigError(not_a_class_root(split))
+            if not split.is_dir():  # a split of --data: named as what --data holds; a --train or --val: itself
+                raise ConfigError(not_a_class_root(split) if self.data and split.parent == Path(self.data) else
+                                  f"{split} is not a folder; {layout}")
         if self.pretrained is None:
             raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
         check_pretrained(self)
