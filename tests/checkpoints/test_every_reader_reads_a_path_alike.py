@@ -63,6 +63,9 @@ def paths(tmp_path_factory) -> dict[str, Path]:
         classifier = VisionTransformer(VIT, num_classes=classes)
         atomic_save({"model": classifier.state_dict(), "config": VIT.to_dict(), "format": FINETUNE_FORMAT,
                      "step": 1}, kinds["finetune"] / name)
+    kinds["damaged best"] = root / "damaged_best"  # a run folder whose best.pt is cut short: its last.pt is named
+    atomic_save(checkpoint, kinds["damaged best"] / "last.pt")
+    (kinds["damaged best"] / "best.pt").write_bytes(b"PK\x03\x04 cut short")
     for kind in ("detect", "segment"):
         (root / kind).mkdir()
         kinds[kind] = root / kind
@@ -124,10 +127,11 @@ def test_a_finished_pretraining_run_folder_is_read_as_its_export(paths, tmp_path
 
 
 @pytest.mark.parametrize("reader", READERS)
-@pytest.mark.parametrize("kind", ["interrupted", "under way", "empty folder", "missing", "text file"])
+@pytest.mark.parametrize("kind", ["interrupted", "under way", "damaged best", "empty folder", "missing", "text file"])
 def test_what_no_reader_reads_is_refused_in_reads_words(paths, tmp_path, reader, kind):
     """A run folder whose export is set aside (by a dead export, or one under way: its last.pt is not the export its
-    reader wants), an empty folder, a missing path, a text file: each reader's refusal is read()'s line."""
+    reader wants), one whose best.pt cannot be read (the refusal names its last.pt), an empty folder, a missing path,
+    a text file: each reader's refusal is read()'s line."""
     with pytest.raises((ValueError, FileNotFoundError)) as refused:
         formats.read(paths[kind])
     assert _outcome(reader, paths[kind], tmp_path / "out") == str(refused.value)

@@ -94,16 +94,15 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     error naming it) and non-strict only for the classifier. The returned module carries
     ``load_report`` (:class:`LoadReport`) saying what was loaded, new and dropped.
     """
-    path = Path(path)
     # a run folder without an export (finetune's, or a pretraining stopped by a signal): the checkpoint every reader
-    # reads of it (read() takes it too), named here for the note on a stopped run
-    unfinished = (file := readable_file(path)) != path
-    path = file
+    # reads of it, named here for the note on a stopped run; read() is given the path itself, whose refusal of a run
+    # folder's damaged best.pt names its last.pt
+    unfinished = (path := readable_file(given := Path(path))) != given
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
     with torch.random.fork_rng(devices=[]):
-        reader, src = read(path)
+        reader, src = read(given)
         weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
     trained = []  # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
     if is_integer(step := src.data.get("step")):

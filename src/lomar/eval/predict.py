@@ -79,10 +79,11 @@ def load_trained(path: str | Path) -> Trained:
     a run folder of one; a probe `lomar linprobe --save` wrote). UsageError in one line for what predict cannot run,
     naming the command that can use it."""
     # what every reader reads of it: a run folder without an export its best.pt, else last.pt (a stopped pretraining
-    # run's too, refused as one); a finished pretraining run's its export (refused as one)
+    # run's too, refused as one); a finished pretraining run's its export (refused as one). read() is given the path
+    # itself, whose refusal of a run folder's damaged best.pt names its last.pt
     file = readable_file(Path(path))
     try:
-        reader, src = read(file)
+        reader, src = read(path)
         command = run_command(src.data)
         if command in ("detect", "segment"):
             model = reader.model(src, {})
