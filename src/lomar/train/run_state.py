@@ -45,6 +45,7 @@ from lomar.train.run_logs import evaluated_after, truncate_metrics
 from lomar.train.setting_names import as_given, source_of
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
+from lomar.viz.reconstruction import snapshot_step
 
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "remove_stale_temporaries", "clear_stale_temporaries", "clear_killed_writes", "temporaries",
@@ -68,12 +69,6 @@ def checkpoint_number(name: str) -> int | None:
     """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
     match = _CHECKPOINT.match(name)
     return int(match[1]) if match else None
-
-
-def _output_step(name: str) -> int | None:
-    """The step in an output's name (``reconstruction-000402.png``); None for other names."""
-    found = re.fullmatch(r".+-(\d{6,})\.\w+", name)
-    return int(found[1]) if found else None
 
 
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
@@ -238,7 +233,7 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
         if ((read_state(last) or {}).get("step") or 0) > step:  # consolidated: no optimizer, so no checkpoint_step
             last.unlink()
     for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
-        number = checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
+        number = checkpoint_number(path.name) if path.name.startswith("checkpoint-") else snapshot_step(path.name)
         if number is not None and number > step:
             if path.is_dir():
                 remove_tree(path, ignore_errors=True)

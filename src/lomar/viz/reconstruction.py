@@ -25,8 +25,8 @@ from lomar.models.objective import patchify, unpatchify
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "snapshot_path", "settle_latest",
-           "draw_reconstruction",
+__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "snapshot_path", "snapshot_step",
+           "settle_latest", "draw_reconstruction",
            "save_figure", "FIGURE_FORMATS", "image_rows", "masking_note"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
@@ -117,6 +117,12 @@ def snapshot_path(out: str | Path, step: int) -> Path:
     return Path(out) / f"reconstruction-{step:06d}.png"
 
 
+def snapshot_step(name: str) -> int | None:
+    """The step of a :func:`snapshot_path` name (``reconstruction-000402.png``); None for another name."""
+    digits = name.removeprefix("reconstruction-").removesuffix(".png")
+    return int(digits) if digits != name and digits.isdigit() and name == snapshot_path("", int(digits)).name else None
+
+
 def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: int, seed: int = 0,
                             title: str | None = None, draw=None) -> Path:
     """A training run's figure at ``step``: ``OUT/reconstruction-{step:06d}.png`` and the same
@@ -141,7 +147,7 @@ def settle_latest(out: str | Path, step: int) -> bool:
         drawn = numbered.read_bytes()
     except FileNotFoundError:
         earlier = [(n, path) for path in Path(out).glob("reconstruction-*.png")
-                   if (n := _snapshot_step(path.name)) is not None and n < step]
+                   if (n := snapshot_step(path.name)) is not None and n < step]
         if not earlier:
             try:
                 latest.unlink()
@@ -156,12 +162,6 @@ def settle_latest(out: str | Path, step: int) -> bool:
         pass
     atomic_write_bytes(latest, drawn)
     return True
-
-
-def _snapshot_step(name: str) -> int | None:
-    """The step of a :func:`snapshot_path` name (``reconstruction-000402.png``); None for another name."""
-    digits = name.removeprefix("reconstruction-").removesuffix(".png")
-    return int(digits) if digits != name and digits.isdigit() and name == snapshot_path("", int(digits)).name else None
 
 
 def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
