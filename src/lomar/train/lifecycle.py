@@ -37,6 +37,7 @@ from lomar.train.monitor import Monitor
 from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.process_count import other_processes, other_processes_note
+from lomar.train.rewound_best import best_state
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
 from lomar.train.run_lines import announce, record_evaluation, report_end, say_notes
@@ -155,13 +156,11 @@ class _Run:
 
     def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
         metric = self.task.best_metric
-        if metric and (metrics or {}).get(metric) is not None and metrics[metric] >= self.best:
+        if best := bool(metric) and (metrics or {}).get(metric) is not None and metrics[metric] >= self.best:
             self.best = metrics[metric]
-            # the precision it ran in, as last.pt's: --eval-only scores a run under 'auto' as it trained
-            state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
-                     "step": self.p.step, "metrics": metrics, "precision": self.precision}
-            save_state(state, self.out / BEST, previous=self.out / LAST)
         state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
+        if best:  # holds the precision it ran in, as last.pt: --eval-only scores a run under 'auto' as it trained
+            save_state(best_state(state, metrics), self.out / BEST, previous=self.out / LAST)
         path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
         self.task.saved(path)
         return path

@@ -7,7 +7,8 @@ folder (predict, ``lomar.load_model``, export, ``--pretrained``) takes ``best.pt
 after N goes. The run carries on from the best score checkpoint N records (the best up to N: :mod:`lifecycle`
 restores it), so the next evaluation that reaches it (a save keeps a tie's) writes ``best.pt`` again. When
 checkpoint N is itself that best (its step scored it), ``best.pt`` is written from it: the same weights, position,
-task state and scores a save at N wrote.
+task state and scores a save at N wrote: :func:`best_state`, which every save of ``best.pt`` (lifecycle's) takes
+too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.train.monitor import metric_text
 from lomar.train.run_logs import evaluation_at
 
-__all__ = ["rewind_best"]
+__all__ = ["rewind_best", "best_state"]
 
-# what a training checkpoint holds besides best.pt's model, task state, epoch, step and precision
+# what a training checkpoint holds besides best.pt's model, task state, epoch, step and precision (and best_<metric>)
 _TRAINING_ONLY = ("optimizer", "scaler", "batches_done", "rng", "rng_ranks", "steps_per_epoch", "evaluated_step",
                   "skipped_ranks")
 _RECORD_ONLY = ("step", "epoch", "partial", "epoch_s")  # an evaluation record's keys besides its metrics
@@ -45,9 +46,16 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
         print(f"lomar {name}: note: removed {best} (step {dropped}), of a step this resume drops; the next "
               f"evaluation that reaches the best{kept} writes it again", file=sys.stderr, flush=True)
         return
-    state = {k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY and not k.startswith("best_")}
-    state["metrics"] = {k: v for k, v in record.items() if k not in _RECORD_ONLY and not k.startswith("best_")}
-    atomic_save(state, best)
+    atomic_save(best_state(ckpt, {k: v for k, v in record.items()
+                                  if k not in _RECORD_ONLY and not k.startswith("best_")}), best)
+
+
+def best_state(checkpoint: dict, metrics: dict) -> dict:
+    """What ``best.pt`` holds, from the training checkpoint of its step (``model``, ``optimizer`` and
+    :meth:`~lomar.train.lifecycle._Run.meta`'s keys) and that step's evaluation ``metrics``: a save's (lifecycle)
+    and a rewind's alike."""
+    return {**{k: v for k, v in checkpoint.items() if k not in _TRAINING_ONLY and not k.startswith("best_")},
+            "metrics": metrics}
 
 
 def _step_of(path: Path) -> int | None:
