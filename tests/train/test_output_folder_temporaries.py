@@ -14,7 +14,8 @@ _HALF = f".val_00003.png.tmp-4242-{'0a' * 8}"  # atomic_write's own name: the se
 
 def _resume(out, step=3):
     config = SimpleNamespace(out=str(out), resume="auto", overwrite=False, dump=lambda: "out: run\n")
-    task = SimpleNamespace(name="segment", eval_log="metrics.jsonl", outputs=SegmentTask.outputs, final_outputs=())
+    task = SimpleNamespace(name="segment", eval_log="metrics.jsonl", outputs=SegmentTask.outputs, final_outputs=(),
+                           best_metric=SegmentTask.best_metric)
     with RunLock(out):
         prepare_run_folder(config, task, out / "last.pt", step, 1)
 

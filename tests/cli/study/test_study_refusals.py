@@ -51,7 +51,7 @@ def test_a_labelled_evaluation_of_one_class_is_refused_before_any_training(tmp_p
         write_images(tmp_path / split / "only", 2)
     spec = parse_spec(_spec(tmp_path, eval={"metrics": ["knn"]}, data={
         "pretrain": str(labelled / "train"), "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}))
-    with pytest.raises(UsageError, match=r"^data.train: .*train holds one class folder \(only\)"):
+    with pytest.raises(UsageError, match=r"^data.train: .*train holds one class folder with images \(only\)"):
         run_study(spec, tmp_path / "study", log=lambda line: None)
 
 
