@@ -269,17 +269,21 @@ def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     if engine is None:
         fig.tight_layout()
     buffer = io.BytesIO()
-    if suffix != ".png":
-        fig.savefig(buffer, dpi=dpi, format=suffix[1:])
-        return atomic_write_bytes(path, buffer.getvalue())
     # zlib's fastest level: the same pixels in a somewhat larger file, written several times faster
     pil = {"compress_level": _PNG_LEVEL}
-    if engine is None:
+    if suffix != ".png":
+        fig.savefig(buffer, dpi=dpi, format=suffix[1:])
+    elif engine is None:
         fig.savefig(buffer, dpi=dpi, format="png", pil_kwargs=pil)
-        return atomic_write_bytes(path, buffer.getvalue())
-    # savefig lays out a figure with an engine by drawing it once unseen (every image resampled, every text laid
-    # out) before the real draw: the engine alone, run with the Agg renderer at the saving dpi as savefig's draw runs
-    # it, places everything where that draw does, and the canvas then draws once
+    else:
+        _print_laid_out_png(fig, engine, dpi, buffer, pil)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _print_laid_out_png(fig: Figure, engine, dpi: int, buffer: io.BytesIO, pil: dict) -> None:
+    """``fig``, which has a layout engine, as a PNG into ``buffer``, drawn once. savefig lays out such a figure by
+    drawing it once unseen (every image resampled, every text laid out) before the real draw: the engine alone, run
+    with the Agg renderer at the saving dpi as savefig's draw runs it, places everything where that draw does."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib is slow to import: only when saving
 
     canvas = FigureCanvasAgg(fig)  # the figure's canvas from here on, as savefig's own PNG canvas
@@ -292,4 +296,4 @@ def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     finally:
         fig.set_layout_engine(engine)
         fig.set_dpi(own_dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+
