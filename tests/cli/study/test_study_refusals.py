@@ -55,6 +55,24 @@ def test_a_labelled_evaluation_of_one_class_is_refused_before_any_training(tmp_p
         run_study(spec, tmp_path / "study", log=lambda line: None)
 
 
+@pytest.mark.parametrize("metric", ["knn", "linprobe", "finetune"])
+def test_a_val_class_folder_that_train_lacks_is_refused_before_any_training(tmp_path, labelled, metric):
+    """The evaluations pair the splits' class folders (LabelledImageFolder.match_classes): a val class no training
+    folder teaches is refused by the study's check, not by the first score after a cell's whole budget."""
+    from lomar.errors import UsageError
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "b", "c"))):
+        for label in classes:
+            write_images(tmp_path / split / label, 2)
+    options = {"finetune": {"batch_size": 2}} if metric == "finetune" else {}
+    spec = parse_spec(_spec(tmp_path, eval={"metrics": [metric], **options}, data={
+        "pretrain": str(labelled / "train"), "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}))
+    with pytest.raises(UsageError, match=r"^data.train, data.val: train and val class folders differ: only in "
+                                         r".*train: none, only in .*val: \['c'\]; give both splits"):
+        run_study(spec, tmp_path / "study", log=lambda line: None)
+    assert not (tmp_path / "study" / "cells").exists()
+
+
 def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labelled):
     from lomar.cli.study.evals import check_options
     from lomar.errors import UsageError

@@ -73,15 +73,20 @@ def check_options(spec: StudySpec) -> None:
     the labelled ones); else a UsageError naming them. Checked before any cell trains, not at its first score."""
     labelled = set(spec.eval.metrics) - {"heldout_loss"}
     read = ("train", "val") if labelled else ("val",) if spec.eval.metrics else ()  # what the metrics read
-    train_images = 0
+    folders: dict[str, LabelledImageFolder] = {}
     for split in read:
         try:
-            images = LabelledImageFolder(getattr(spec, f"data_{split}"))
+            folders[split] = LabelledImageFolder(getattr(spec, f"data_{split}"))
             if split == "train":  # read by the labelled metrics alone
-                images.check_classes()
-                train_images = len(images)
+                folders[split].check_classes()
         except ValueError as exc:
             raise UsageError(f"data.{split}: {exc}") from None
+    if labelled:  # the class-folder rule of finetune, knn and linprobe: else refused at the first score, after a cell
+        try:
+            folders["train"].match_classes(folders["val"])
+        except ValueError as exc:
+            raise UsageError(f"data.train, data.val: {exc}") from None
+    train_images = len(folders["train"]) if labelled else 0
     cell = Cell({}, dict(spec.settings), spec.seeds[0])
     for metric in set(spec.eval.metrics) - {"heldout_loss"}:
         try:
