@@ -15,7 +15,6 @@ The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from pathlib import Path
@@ -25,30 +24,27 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.file_names import BEST, LAST
-from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
 from lomar.lr_schedule import lr_at, peak_lr
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.divergence import check_weights, diverged, preload
-from lomar.train.encoder_settings import rebuilt_encoder_config
 from lomar.train.epoch_stream import EpochStream
-from lomar.train.fsdp import load_sharded, save_run_checkpoint
+from lomar.train.fsdp import save_run_checkpoint
 from lomar.train.monitor import Monitor
 from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
-from lomar.train.process_count import other_processes, other_processes_note
 from lomar.train.rewound_best import best_state
-from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
+from lomar.train.rng import gather_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
 from lomar.train.run_lines import announce, record_evaluation, report_end, say_notes
 from lomar.train.run_lock import RunLock
-from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
+from lomar.train.run_restore import restore
+from lomar.train.run_resume import check_no_rewind, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, fast_adamw, keep_grads_allocated, use_threads
 from lomar.train.schedule import run_span
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.setting_names import source_of
-from lomar.train.settings_resume import resumed_past_end
 from lomar.train.skipped_files import SkippedFiles
 from lomar.train.task import Progress, Task, TrainingError
 from lomar.train.task_resume import building
@@ -97,47 +93,6 @@ class _Run:
                 "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
                 "evaluated_step": self.evaluated_step, "skipped_ranks": self.skips,  # files skipped: a resume counts on
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
-
-    def load(self, path: Path, ckpt: dict | None, meta: dict | None, task_loaded: bool = False) -> None:
-        """Resume from ``path``: ``ckpt`` its full read (:func:`preload`), None for a sharded folder, whose ``meta``
-        (its meta.pt, as the resume point read it; None: not read) every rank loads with its shards.
-        ``task_loaded``: the Task loaded it while it was built (:func:`~lomar.train.task_resume.load_resumed`)."""
-        if ckpt is None and meta is None:
-            meta = safe_load(path / "meta.pt")
-        if not task_loaded:
-            self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
-        other = other_processes(meta if ckpt is None else ckpt, self.cfg.batch_size, self.accum, self.info.world_size)
-        if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
-            ckpt = load_sharded(self.task.model, self.optimizer, path, meta)
-            check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
-        else:
-            try:
-                self.task.model.load_state_dict(ckpt["model"])
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, RuntimeError, KeyError) as exc:
-                # a model rebuilt from the checkpoint read no --pretrained: only one kept without its architecture did
-                reread = getattr(self.cfg, "pretrained", None) and not rebuilt_encoder_config(self.cfg)
-                read = "the data and --pretrained" if reread else "the data"
-                raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with {read} it "
-                                 f"started with, or start a new run with another --out") from None
-        if ckpt.get("scaler"):  # {}: a run not in fp16, whose scaler a switch to fp16 starts afresh
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
-        self.notes = numerics_notes(ckpt, self.precision, self.cfg.precision, self.device)
-        skipped = ckpt.get("skipped_ranks")
-        if other:  # the same samples in the same steps: what a rank counts is a step's micro-batches
-            self.p.batches_done = ckpt["batches_done"] // other[1] * self.accum
-        if other is not None and other[0] != self.info.world_size:
-            skipped = [list(dict.fromkeys(itertools.chain(*skipped)))] * self.info.world_size if skipped else skipped
-            self.notes.append(other_processes_note(other[0], self.info.world_size, self.p.step, self.cfg.batch_size,
-                                                   self.accum, self.task.draws_per_process(),
-                                                   getattr(self.task, "iterable", False), self.task.sharded))
-        self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
-        self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
-        self.skipped.restore(skipped, self.info.rank)
-        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
-        if self.p.step > self.last_step:  # run_end could not tell: an old checkpoint, or data of shorter epochs
-            raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
@@ -371,7 +326,7 @@ def run(config, make_task: type[Task]) -> int:
                     seed_everything(config.seed + info.rank)
                 trainer = _Run(config, task, info, device, stop)
                 if resume is not None:
-                    trainer.load(resume, saved, point.meta, built.loaded)
+                    restore(trainer, resume, saved, point.meta, built.loaded)
                 del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:  # a library's (a model's build) names its parameters
             raise UsageError(in_flags(str(exc), flags_by_setting(config))) from None
