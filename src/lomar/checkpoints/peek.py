@@ -8,38 +8,52 @@ from pathlib import Path
 
 from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME
-from lomar.checkpoints.formats import read
+from lomar.checkpoints.formats import identify, read
 from lomar.checkpoints.formats_beit import BEiTReader
+from lomar.checkpoints.reader import Reader, Source
+from lomar.checkpoints.sharded import sharded_outline
 
 __all__ = ["holds_beit", "peek_encoder"]
+
+# what a checkpoint or folder that cannot be read raises here; the full read reports it
+_UNREADABLE = (OSError, ValueError, RuntimeError, RecursionError, AttributeError)
+
+
+def _held(path: Path) -> tuple[Reader, Source] | None:
+    """The reader and source of what ``path`` holds, reading as little as tells it: a sharded checkpoint's metadata
+    (its tensors on the meta device), a file's tensors mapped (a file in torch's legacy non-zip format, which cannot be
+    mapped, read whole), an export folder's config.json; None where it cannot be read."""
+    try:
+        path = readable_file(path)  # read as load_pretrained_encoder reads it
+        if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
+            return identify(path, sharded_outline(path))
+        try:
+            return read(path, mmap=True)
+        except ValueError:
+            return read(path)
+    except _UNREADABLE:
+        return None
 
 
 def holds_beit(path: str | Path) -> bool:
     """Whether ``path`` holds a BEiT encoder (False for one that cannot be read: it is reported where it is read)."""
-    for mmap in (True, False):  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
-        try:
-            return isinstance(read(path, mmap=mmap)[0], BEiTReader)
-        except (OSError, ValueError, RuntimeError):
-            continue
-    return False
+    return (held := _held(Path(path))) is not None and isinstance(held[0], BEiTReader)
 
 
 def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
-    shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
-    checkpoint, one in no format: the full read reports it), so that a caller can refuse an encoder it cannot use
-    before reading one."""
-    path = readable_file(Path(path))  # read as load_pretrained_encoder reads it
-    if path.is_dir() and (path / ".metadata").is_file():
+    shape of its patch-embedding weight, no weight read; None where the path cannot be read (in no format: the full
+    read reports it), so that a caller can refuse an encoder it cannot use before reading one."""
+    if (held := _held(Path(path))) is None:
         return None
-    try:
-        reader, src = read(path, mmap=True)
-        kind = "beit" if isinstance(reader, BEiTReader) else "vit"
-        if not src.state:  # an export folder
+    reader, src = held
+    kind = "beit" if isinstance(reader, BEiTReader) else "vit"
+    if not src.state:  # an export folder
+        try:
             args = json.loads((src.path / CONFIG_NAME).read_text()).get("model_args")
-            patch = args.get("patch_size") if isinstance(args, dict) else None
-            return kind, patch if isinstance(patch, int) else None
-    except (OSError, ValueError, RuntimeError, RecursionError, AttributeError):
-        return None
+        except _UNREADABLE:
+            return None
+        patch = args.get("patch_size") if isinstance(args, dict) else None
+        return kind, patch if isinstance(patch, int) else None
     stem = next((v for k, v in src.state.items() if k.endswith("patch_embed.proj.weight") and v.ndim == 4), None)
     return kind, int(stem.shape[-1]) if stem is not None else None

@@ -31,7 +31,7 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.kinds import PRETRAIN_FORMAT
 from lomar.data.shard_members import file_identity
 
-__all__ = ["read_sharded", "consolidate", "check_metadata", "refusal", "safe_reader", "safe_planner"]
+__all__ = ["read_sharded", "sharded_outline", "consolidate", "check_metadata", "refusal", "safe_reader", "safe_planner"]
 
 _RECORD_MODULE = "torch.distributed.checkpoint.metadata"  # Metadata, TensorStorageMetadata, ...: plain records
 _GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
@@ -249,6 +249,23 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
     state.setdefault("format", PRETRAIN_FORMAT)
     return state
+
+
+def sharded_outline(sharded_dir: str | Path) -> dict:
+    """:func:`read_sharded`'s dict with no record read: its ``model`` holds tensors on the meta device, of the shapes
+    and dtypes its metadata gives, enough to tell its format and architecture. ValueError where the metadata does not
+    pass :func:`check_metadata`, or there is no ``.metadata``."""
+    sharded_dir = Path(sharded_dir)
+    if not (sharded_dir / ".metadata").is_file():
+        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
+                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
+    check_metadata(sharded_dir, ())
+    metadata = _MetadataUnpickler(io.BytesIO(_checked(sharded_dir / ".metadata")[0])).load()
+    model = {fqn.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype, device="meta")
+             for fqn, entry in metadata.state_dict_metadata.items()
+             if fqn.startswith("model.") and hasattr(entry, "size")}  # its tensors' records; bytes have no size
+    meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
+    return {"model": model, **meta, "format": meta.get("format", PRETRAIN_FORMAT)}
 
 
 def refusal(failure) -> BaseException:

@@ -1,0 +1,40 @@
+"""peek_encoder and holds_beit tell what encoder a path holds from as little of it as tells it."""
+
+import torch
+
+import lomar.checkpoints.formats
+from lomar import LoMaR, ViTConfig
+from lomar.checkpoints.convert import pretrain_checkpoint
+from lomar.checkpoints.io import atomic_save
+from lomar.checkpoints.kinds import PRETRAIN_FORMAT
+from lomar.checkpoints.peek import holds_beit, peek_encoder
+
+VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def _pretraining() -> dict:
+    torch.manual_seed(0)
+    return {**pretrain_checkpoint(LoMaR(VIT, window_size=2, num_windows=1)), "format": PRETRAIN_FORMAT, "step": 1}
+
+
+def test_a_sharded_checkpoint_is_told_from_its_metadata_without_reading_its_tensors(tmp_path, monkeypatch):
+    """A `lomar pretrain --fsdp` checkpoint's encoder and patch size are in its metadata (its records' shapes) and
+    meta.pt: told from them, its tensors unread, as a file's are from its mapped tensors."""
+    import torch.distributed.checkpoint as dcp  # half a second to import: this test alone writes a sharded folder
+
+    checkpoint, folder = _pretraining(), tmp_path / "checkpoint-000001.dcp"
+    dcp.save({"model": checkpoint["model"]}, checkpoint_id=str(folder), no_dist=True)
+    atomic_save({k: v for k, v in checkpoint.items() if k != "model"}, folder / "meta.pt")
+
+    def unread(path):
+        raise AssertionError(f"{path}'s tensors read")
+
+    monkeypatch.setattr(lomar.checkpoints.formats, "read_sharded", unread)
+    assert peek_encoder(folder) == ("vit", 8) and not holds_beit(folder)
+
+
+def test_a_checkpoint_in_torchs_legacy_format_is_read_whole_as_it_cannot_be_mapped(tmp_path):
+    """Both tell a file torch cannot map (its legacy non-zip format) from a whole read, not None for one of them."""
+    path = tmp_path / "legacy.pt"
+    torch.save(_pretraining(), path, _use_new_zipfile_serialization=False)
+    assert peek_encoder(path) == ("vit", 8) and not holds_beit(path)
