@@ -1,5 +1,6 @@
 """A resume's best.pt (lomar.train.rewound_best): every reader of a run folder takes best.pt first, so a resume
-from checkpoint N leaves none of a step after N, and the run writes the next one that reaches the best up to N."""
+from checkpoint N leaves none of a step after N, and the run writes the next one that reaches the best up to N, the
+best score checkpoint N records as it was scored (None before any scored epoch)."""
 
 from __future__ import annotations
 
@@ -93,4 +94,27 @@ def test_a_run_ending_inside_its_first_epoch_says_no_full_epoch_scored_not_that_
     assert run(ToyConfig(out=str(tmp_path / "run"), max_steps=3), ToyTask) == 0  # an epoch is 4 steps
     done = capsys.readouterr().out.splitlines()[-1]
     assert not (tmp_path / "run" / "best.pt").exists()
+    assert "no best.pt: no full epoch scored a score yet" in done and "resume" not in done
+
+
+def test_a_resume_carries_a_best_below_zero_exactly_and_a_better_negative_score_writes_best(tmp_path, capsys):
+    # a metric that can be negative (the toy's score is minus a loss): the best up to a checkpoint, as it scored
+    out = tmp_path / "run"
+    _Scripted.scores = {4: -0.6, 8: -0.9, 12: -0.5}
+    assert run(ToyConfig(out=str(out), max_steps=8), _Scripted) == 0
+    assert safe_load(out / "last.pt")["best_score"] == -0.6
+    assert run(ToyConfig(out=str(out), max_steps=12, resume="auto"), _Scripted) == 0
+    best = safe_load(out / "best.pt")
+    assert (best["step"], best["metrics"]) == (12, {"score": -0.5})  # above step 4's -0.6, the best it resumed with
+    assert safe_load(out / "last.pt")["best_score"] == -0.5
+    assert "best score -0.5 in" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_checkpoint_before_any_scored_epoch_records_no_best_and_its_resume_says_none_was_scored(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=2), ToyTask) == 0  # an epoch is 4 steps
+    assert safe_load(out / "last.pt")["best_score"] is None  # not a score of 0: none was made
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), max_steps=3, resume="auto"), ToyTask) == 0
+    done = capsys.readouterr().out.splitlines()[-1]
     assert "no best.pt: no full epoch scored a score yet" in done and "resume" not in done

@@ -92,7 +92,8 @@ class _Run:
                 "epoch": self.p.epoch, "batches_done": self.p.batches_done, "rng": self.rngs[0], "rng_ranks": self.rngs,
                 "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
                 "evaluated_step": self.evaluated_step, "skipped_ranks": self.skips,  # files skipped: a resume counts on
-                **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
+                **self.task.state(), **({f"best_{m}": self.best if self.best > -math.inf else None}  # None: unscored
+                                        if (m := self.task.best_metric) else {})}
 
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and

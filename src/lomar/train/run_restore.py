@@ -57,7 +57,8 @@ def restore(trainer, path: Path, ckpt: dict | None, meta: dict | None, task_load
         trainer.notes.append(other_processes_note(other[0], info.world_size, p.step, cfg.batch_size, trainer.accum,
                                                   task.draws_per_process(), getattr(task, "iterable", False),
                                                   task.sharded))
-    trainer.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
+    best = ckpt.get(f"best_{task.best_metric}") if task.best_metric else None  # None: no evaluation scored yet
+    trainer.best = -math.inf if best is None else best
     trainer.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
     trainer.skipped.restore(skipped, info.rank)
     restore_rng_states(ckpt, info, trainer.device, cfg.seed)  # last: building the run drew from them

@@ -77,7 +77,7 @@ class Task:
     name = "task"
     model: torch.nn.Module
     train_loader: torch.utils.data.DataLoader
-    best_metric: str | None = None
+    best_metric: str | None = None  # the evaluate() metric whose highest value best.pt keeps; None: no best.pt
     sharded = False
     betas = (0.9, 0.999)
     lr_schedule: Callable[..., float] | None = None
