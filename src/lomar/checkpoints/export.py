@@ -7,11 +7,10 @@ bounds and the weights file's format, names and shapes (from its header, against
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -31,6 +30,7 @@ from lomar.values import as_sides
 
 __all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture"]
 
+_T = TypeVar("_T")
 # safetensors' names of the dtypes weights may come in (float8 would lose them: no encoder is saved so)
 _WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 # (type, lowest, highest) of each architecture field; generous, but far below what exhausts memory.
@@ -325,15 +325,9 @@ def read_export(path: str | Path, **overrides) -> Export:
         raise UsageError(f"{config_path} describes {data['architecture']!r}, not a lomar encoder (a timm or Hugging "
                          f"Face folder?); lomar reads folders written by `lomar export` / `lomar pretrain`, and "
                          f"original LoMaR / MAE / BEiT checkpoints; load this one with timm")
-    # what the caller's settings break is named as theirs, where config.json alone is sound
-    settings = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
-    given = f"the settings given ({settings}; config.json's own fit the weights: drop them)"
-    try:
-        config, num_classes, pool = _check_config(config_path, data, overrides)
-    except UsageError:
-        if overrides and _sound(lambda: _check_config(config_path, data, {})):
-            _check_config(given, data, overrides)
-        raise
+    config, num_classes, pool = _naming_theirs(overrides, config_path,
+                                               lambda where: _check_config(where, data, overrides),
+                                               own=lambda: _check_config(config_path, data, {}))
     weights = weights_path(path, data)
     shapes = header_shapes(weights)
     expected = expected_shapes(config, num_classes, pool)
@@ -346,15 +340,11 @@ def read_export(path: str | Path, **overrides) -> Export:
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.") if new_head else ()
     _check_model_args_pool(config_path, data)
-    fits = functools.partial(check_fits, weights, expected=expected, shapes=shapes,
-                             absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head)
-    try:
-        fits(config_path)
-    except UsageError:
-        if overrides and _sound(lambda: check_fits(weights, config_path, expected_shapes(*_check_config(
-                config_path, data, {})), shapes)):
-            fits(given)
-        raise
+    _naming_theirs(overrides, config_path,
+                   lambda where: check_fits(weights, where, expected, shapes,
+                                            absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head),
+                   own=lambda: check_fits(weights, config_path,
+                                          expected_shapes(*_check_config(config_path, data, {})), shapes))
     _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
     if (names := data.get("label_names")) is not None and (bad := names_problem(names, data.get("num_classes", 0))):
         raise UsageError(f"{config_path}: label_names {bad}; re-export the classifier")
@@ -368,6 +358,20 @@ def _sound(check: Callable[[], object]) -> bool:
     except UsageError:
         return False
     return True
+
+
+def _naming_theirs(overrides: dict, config_path: Path, check: Callable[[Path | str], _T],
+                   own: Callable[[], object]) -> _T:
+    """``check(config_path)``, whose UsageError names the caller's ``overrides`` instead of config.json where they
+    broke a config.json that is sound alone (``own``, the same check of its values without them, passes): theirs
+    to drop, not the file's to fix."""
+    try:
+        return check(config_path)
+    except UsageError:
+        if not overrides or not _sound(own):
+            raise
+    settings = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+    return check(f"the settings given ({settings}; config.json's own fit the weights: drop them)")
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
