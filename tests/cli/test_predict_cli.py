@@ -162,3 +162,14 @@ def test_a_killed_predicts_temporary_is_removed_by_the_next(tmp_path, capsys, cl
     assert main(["predict", str(classifier), image, "--out", str(out), *CPU_RUN]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "predictions.jsonl", *others])
     assert "lomar predict: note: removed 1 stale temporary file(s)" in capsys.readouterr().err
+
+
+def test_a_users_own_lock_named_file_in_out_is_refused_and_kept(tmp_path, capsys, classifier, labelled_folder):
+    """DIR is the user's folder: a file of theirs named .lock there is refused in one line, not overwritten with
+    predict's lock holder's name."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("where the spare keys are")
+    err = _error(capsys, str(classifier), str(labelled_folder / "val"), "--out", str(out))
+    assert f"{out / '.lock'} is not a lomar lock file (it holds 'where the spare keys are')" in err
+    assert [p.name for p in out.iterdir()] == [".lock"] and (out / ".lock").read_text() == "where the spare keys are"

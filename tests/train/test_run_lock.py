@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,51 @@ def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on
     finally:
         os.kill(worker, 9)
         proc.stdout.close()  # else the collector closes it: a ResourceWarning (unclosed file) under -W error
+
+
+def test_a_users_own_file_of_the_locks_name_is_refused_and_left_as_it_is(tmp_path):
+    """A folder lomar writes into but may share (predict's --out, --eval-only's) may hold a file of the user's named
+    .lock: the lock refuses it in one line rather than writing its holder's name over it (or an unlock removing it);
+    what lomar's lock files hold (nothing, "pid N on HOST", an older lomar's bare PID) is taken."""
+    from lomar.checkpoints.file_lock import holding_file_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for text, shown in (("my notes\nabout locks", "'my notes about locks'"), ("pid 7 on " + "x" * 400, "'pid 7 on x")):
+        (out / ".lock").write_text(text)
+        with pytest.raises(UsageError) as caught:
+            RunLock(out).acquire()
+        assert (out / ".lock").read_text() == text
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 250
+        assert str(caught.value).startswith(f"{out / '.lock'} is not a lomar lock file (it holds {shown}")
+        assert str(caught.value).endswith("; move it elsewhere, or use another folder")
+        with pytest.raises(UsageError, match="is not a lomar lock file"), holding_file_lock(out / ".lock", 0, OSError):
+            pass
+        assert (out / ".lock").read_text() == text  # not removed by the unlock
+    for text in ("", "pid 4242 on elsewhere", "4242\n"):
+        (out / ".lock").write_text(text)
+        with RunLock(out):
+            assert (out / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def test_another_users_lock_file_is_refused_naming_it(tmp_path, monkeypatch):
+    """Another user's lock file (0644: opened read-only, so a run cannot name itself in it; 0600: not opened at all)
+    is refused naming that file, not as a folder the user cannot write to."""
+    from lomar.checkpoints import file_lock
+
+    opened = file_lock.open_in_place
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("pid 1 on elsewhere")
+    for readable in (True, False):
+        def theirs(path, mode="r", **text):  # the tests may run as root, whom no mode stops
+            if "a" in mode or not readable:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return opened(path, mode, **text)
+
+        monkeypatch.setattr(file_lock, "open_in_place", theirs)
+        with pytest.raises(UsageError) as caught:
+            RunLock(out).acquire()
+        assert str(caught.value) == (f"--out {out}: {out / '.lock'} is another user's lock file, which this run cannot "
+                                     f"write its name in (Permission denied); have it removed, or pass another --out")
+    assert (out / ".lock").read_text() == "pid 1 on elsewhere"

@@ -17,8 +17,8 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     for name in names:
         (tmp_path / name).write_bytes(b"half")
     keep = ["last.pt", "checkpoint-000009.pt", "notes.tmp.txt", ".lock"]
-    for name in keep:
-        (tmp_path / name).write_bytes(b"x")
+    for name in keep:  # .lock: a killed run's (a file of the user's of that name is refused)
+        (tmp_path / name).write_bytes(b"pid 4242 on elsewhere" if name == ".lock" else b"x")
     with RunLock(tmp_path):
         removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == sorted(names)

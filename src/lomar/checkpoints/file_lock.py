@@ -3,7 +3,9 @@
 The kernel drops it when its holder ends, a kill included, so a stale lock file never blocks. A training run's lock
 (``OUT/.lock``), an export's (``DIR/.export.lock``), a study's data build's (``OUT/.data.lock``) and a compose-digits
 set's (``.OUT.lock`` beside it) are all this one; each caller words its own refusal. Windows has no flock: there
-every folder is as one on a filesystem without it (unlocked, with the caller's warning).
+every folder is as one on a filesystem without it (unlocked, with the caller's warning). A file of the lock's name
+that lomar did not write (a user's own ``.lock`` in a folder predict writes into) is refused, never overwritten or
+removed: lomar's hold nothing, or its holder's name (:data:`_LOCK_TEXT`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from lomar.checkpoints.io import open_in_place
+from lomar.errors import UsageError
 
 try:
     import fcntl
@@ -29,6 +33,11 @@ __all__ = ["LockHeld", "take_file_lock", "flock_in_place", "holding_file_lock", 
 # The folders found without flock, each told once in a process: a run's export into its folder, unlocked as the
 # run is, would say it again
 _TOLD: set[str] = set()
+
+# What a lock file lomar made holds: nothing (made, its holder killed before it wrote, or a full disk), "pid N on
+# HOST", or a bare PID (an older lomar's); anything else is a file of the user's that has the lock's name
+_LOCK_TEXT = re.compile(r"(pid \d+ on \S+|\d+)?")
+_LOCK_MOST = 300  # characters: a host name is at most 255
 
 
 class LockHeld(Exception):
@@ -59,7 +68,8 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
     the handle unlocks. Held by another: waits up to ``wait_s``, telling ``on_wait(owner)`` once as it starts, then
     LockHeld. None where the filesystem has no flock (ENOLCK, EOPNOTSUPP, ENOSYS): ``on_unlocked(reason)`` is told
     (the first time for the folder in this process) and a lock file it made is removed (one found there is left).
-    OSError where the folder cannot be made or the file opened (UsageError: a link or a pipe there). Another user's
+    OSError where the folder cannot be made or the file opened (UsageError: a link or a pipe there, or a file that
+    holds other than :data:`_LOCK_TEXT`, which lomar did not write and leaves as it is). Another user's
     lock file (0644) is locked read-only, its holder's name left as it is: flock needs no write access, so an export
     into a shared folder waits for theirs as for its own user's."""
     deadline, said = time.monotonic() + wait_s, False
@@ -93,6 +103,7 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
                 on_unlocked(exc.strerror or str(exc))
             return None
         if got:
+            _check_lomars(handle, path)
             if handle.writable():
                 with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, its holder unnamed
                     os.ftruncate(handle.fileno(), 0)  # unbuffered: nothing left to fail at close
@@ -133,6 +144,20 @@ def lock_owner(handle: IO) -> str:
         # what lomar writes is one short line; a planted file's rest must not reach a one-line message
         owner = " ".join(handle.read(200).split()) if handle.readable() else ""
     return f"pid {owner}" if owner.isdigit() else owner[:80] or "pid unknown"
+
+
+def _check_lomars(handle: IO, path: Path) -> None:
+    """UsageError (``handle`` closed) where the locked file ``path`` holds other than a lomar lock's text: a user's
+    own file of that name, which writing the holder's name would overwrite and an unlock remove."""
+    handle.seek(0)
+    text = handle.read(_LOCK_MOST + 1) if handle.readable() else ""
+    if len(text) <= _LOCK_MOST and _LOCK_TEXT.fullmatch(text.strip()):
+        return
+    handle.close()
+    first = " ".join(text.split())
+    shown = f"{first[:40]}..." if len(first) > 40 else first
+    raise UsageError(f"{path} is not a lomar lock file (it holds {shown!r}), and lomar locks its folder with a file "
+                     f"of that name; move it elsewhere, or use another folder")
 
 
 def _open_lock(path: Path) -> IO:

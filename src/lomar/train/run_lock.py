@@ -55,16 +55,21 @@ class RunLock:
 
     def acquire(self, warn: bool = True) -> RunLock:
         """Lock the folder (made if need be); ``warn``: say so where it cannot be locked (no flock there)."""
-        self.created = not self.out.exists()
+        self.created, lock = not self.out.exists(), self.out / ".lock"
         try:
-            handle = take_file_lock(self.out / ".lock", on_unlocked=self._unlocked if warn else None)
+            handle = take_file_lock(lock, on_unlocked=self._unlocked if warn else None)
             if handle is not None and not handle.writable():  # another user's lock file, which cannot name this run
                 handle.close()
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(lock))
         except LockHeld as held:
             owner = held.owner.removesuffix(f" on {socket.gethostname()}")  # a PID of this machine, as ps shows it
             raise UsageError(f"{self.given} is in use by another run ({owner}); wait for it to end "
                              f"or pass another --out") from None
+        except PermissionError as exc:
+            if os.fspath(exc.filename or "") != str(lock) or not os.path.lexists(lock):  # the folder's, not the file's
+                raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
+            raise UsageError(f"{self.given}: {lock} is another user's lock file, which this run cannot write its name "
+                             f"in ({exc.strerror}); have it removed, or pass another --out") from None
         except OSError as exc:
             raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
         self.handle, self.taken = handle, True
