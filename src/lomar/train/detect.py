@@ -57,7 +57,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
 from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
-from lomar.values import listed
+from lomar.train.untrained import untrained_classes
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories"]
 
@@ -308,14 +308,10 @@ def untrained_categories(val: CocoSplit, train: CocoSplit) -> str | None:
     each scores 0 AP in the mean; None where there are none, or a split does not know its categories with boxes."""
     if val.summary.boxed is None or train.summary.boxed is None:
         return None
-    unseen = sorted(set(val.summary.boxed) - set(train.summary.boxed))
-    if not unseen:
-        return None
     name = dict(zip(val.categories, val.names))
-    shown = listed((f"{i} {name[i]!r}" for i in unseen), 5)
-    many = f"{len(unseen)} categor{'y' if len(unseen) == 1 else 'ies'}"
-    return (f"{many} with boxes in {val.path} but none in {train.path} (never trained on, each scores 0 AP in the "
-            f"mean): {shown}; add training boxes of them, or leave them out of the validation file")
+    return untrained_classes(val.summary.boxed, train.summary.boxed, lambda i: f"{i} {name[i]!r}",
+                             ("category", "categories"), f"with boxes in {val.path} but none in {train.path}", "AP",
+                             "add training boxes of them, or leave them out of the validation file")
 
 
 def stderr_log(message: str) -> None:

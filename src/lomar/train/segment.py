@@ -52,7 +52,8 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import Task
 from lomar.train.task_resume import resume_line, resumed_encoder_config
-from lomar.values import listed, percent_text
+from lomar.train.untrained import untrained_classes
+from lomar.values import percent_text
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -240,14 +241,10 @@ class SegmentTask(Task):
 def _untrained_classes(task) -> str | None:
     """Words on the classes some validation annotation holds but no training one (read by the splits' start-up
     check): never trained on, each scores 0 IoU in the mean; None where there are none."""
-    unseen = sorted(task.val_set.classes_held - task.train_set.classes_held)
-    if not unseen:
-        return None
-    shown = listed((task.class_labels[c] for c in unseen), 5)
-    many = f"{len(unseen)} class{'' if len(unseen) == 1 else 'es'}"
-    return (f"{many} in the validation annotations but in no training one (never trained on, each scores 0 IoU in "
-            f"the mean), as the annotations number them: {shown}; add training images of them, or check "
-            f"--num-classes and --zero-label")
+    return untrained_classes(task.val_set.classes_held, task.train_set.classes_held, task.class_labels.__getitem__,
+                             ("class", "classes"), "in the validation annotations but in no training one", "IoU",
+                             "add training images of them, or check --num-classes and --zero-label",
+                             numbered=", as the annotations number them")
 
 
 def _class_labels(config: SegmentConfig) -> list[str]:
