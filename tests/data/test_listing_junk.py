@@ -4,6 +4,7 @@ import logging
 import random
 from pathlib import Path
 
+from helpers import write_images
 from lomar.data.folder import build_image_list
 from lomar.data.pathtable import join_text
 
@@ -54,20 +55,19 @@ def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, cap
 
     for split in ("train", "val"):
         for name in ("cat", "dog"):
-            (tmp_path / split / name).mkdir(parents=True)
-            (tmp_path / split / name / "a.jpg").write_bytes(b"x")
+            write_images(tmp_path / split / name, 1)
     (tmp_path / "train" / "kitty").symlink_to("cat")  # an alias: every cat is a kitty too, under another label
-    (tmp_path / "val" / "kitty").mkdir()
-    (tmp_path / "val" / "kitty" / "a.jpg").write_bytes(b"x")
+    write_images(tmp_path / "val" / "kitty", 1)
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
         train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
         train.match_classes(val)
-    assert train.targets == [0, 1, 2] and train.paths.text(2).endswith("kitty/a.jpg")  # followed, as torchvision does
+    # followed, as torchvision does
+    assert train.targets == [0, 1, 2] and train.paths.text(2).endswith("kitty/img000.png")
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'train'}: 1 pair(s) of class folders reach one folder through a link, e.g. "
         f"{tmp_path / 'train' / 'kitty'} (class kitty) is {tmp_path / 'train' / 'cat'} (class cat): its images are "
         f"samples of both classes, under two labels; remove the link, or copy the images that belong to both"]
-    (tmp_path / "val" / "dog" / "a.jpg").unlink()
+    (tmp_path / "val" / "dog" / "img000.png").unlink()
     (tmp_path / "val" / "dog").rmdir()
     (tmp_path / "val" / "dog").symlink_to(tmp_path / "train" / "dog")  # a held-out split made of links to train's
     caplog.clear()
@@ -85,8 +85,7 @@ def test_a_held_out_split_nested_in_the_training_one_is_said_to_be_nested_not_li
     from lomar.data.folder import LabelledImageFolder
 
     for name in ("cat", "dog", "val/cat"):
-        (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "a.jpg").write_bytes(b"x")
+        write_images(tmp_path / name, 1)
     with caplog.at_level(logging.WARNING, logger="lomar.data"), pytest.raises(ValueError, match="only in"):
         LabelledImageFolder(tmp_path).match_classes(LabelledImageFolder(tmp_path / "val"))
     assert [r.getMessage() for r in caplog.records] == [

@@ -27,6 +27,7 @@ from lomar.data.image_search import image_table, search_images, warn_passed_over
 from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
+from lomar.errors import exception_line
 from lomar.values import counted
 
 __all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset", "LabelledImageFolder"]
@@ -257,12 +258,33 @@ class LabelledImageFolder(Dataset):
                              f"classifier needs at least two (ImageFolder layout: ROOT/CLASS/IMAGE)")
 
     def drop_classes(self, names: Sequence[str]) -> None:
-        """Leave out the class folders ``names``, which hold no image here: the others' labels close up."""
+        """Leave out the class folders ``names`` and their images (none, or none readable): the others' labels close
+        up."""
         dropped = frozenset(names)
         keep = [name for name in self.classes if name not in dropped]
         self.class_to_idx = {name: i for i, name in enumerate(keep)}
         self.labels = np.array([self.class_to_idx.get(name, -1) for name in self.classes], dtype=np.int64)[self.labels]
+        if (self.labels < 0).any():  # a class of unreadable images: its files go too, or they would be read unlabelled
+            kept = np.flatnonzero(self.labels >= 0)
+            self.paths, self.labels = PathTable(self.paths.text(i) for i in kept), self.labels[kept]
         self.classes, self.empty = keep, [name for name in self.empty if name not in dropped]
+
+    def unreadable_classes(self) -> dict[str, tuple[int, str]]:
+        """{class: (its image count, why its first image cannot be read)} of the classes with images none of which this
+        split's load reads (the error :meth:`__getitem__` skips a file for). Each class's images are tried in order up
+        to the first that reads: one decode a class where its first image reads, however many images it holds."""
+        found, starts, counts = {}, *np.unique(self.labels, return_index=True, return_counts=True)[1:]
+        for label, start, count in zip(np.unique(self.labels).tolist(), starts.tolist(), counts.tolist()):
+            first = None  # labels run class by class (np.repeat, kept in order by drop_classes)
+            for index in range(start, start + count):
+                try:
+                    self.load(self.paths.text(index))
+                    break
+                except (ValueError, RuntimeError, OSError) as exc:
+                    first = first or exception_line(exc)
+            else:
+                found[self.classes[label]] = (count, first)
+        return found
 
     def match_classes(self, val: LabelledImageFolder) -> None:
         """Give this training split and ``val`` one class list, by the one rule of every classification command: a
@@ -276,17 +298,34 @@ class LabelledImageFolder(Dataset):
                         if a.resolve().is_relative_to(b.resolve())), "through links"), val.folders[min(common)][1]
             log.warning("%s and %s share %d folder(s) %s, e.g. %s: their images are trained on and scored; give the "
                         "held-out split images of its own", self.root, val.root, len(common), *shared)
-        if untaught := [name for name in self.empty if name in val.classes and name not in val.empty]:
-            raise ValueError(f"{self.root / untaught[0]} holds no image, {val.root / untaught[0]} holds some: a class "
+        # a class whose training images all fail to decode teaches nothing, as an empty folder: the same rule; known
+        # only by decoding, up to one readable image a class (unreadable_classes)
+        unread = self.unreadable_classes()
+        if untaught := [name for name in (*self.empty, *unread) if name in val.classes and name not in val.empty]:
+            name = untaught[0]
+            if name in unread:
+                count, why = unread[name]
+                raise ValueError(f"{self.root / name} holds {counted(count, 'image')}, none readable (e.g. {why}), "
+                                 f"{val.root / name} holds some: a class with nothing to learn from; fix or replace "
+                                 f"its training images, or remove both folders")
+            raise ValueError(f"{self.root / name} holds no image, {val.root / name} holds some: a class "
                              f"with nothing to learn from; add its training images, or remove both folders")
+        if unread:
+            name, (count, why) = min(unread.items())
+            log.warning("%s: %d class folder(s) without a readable training image, e.g. %s (%s, none readable: %s): "
+                        "no class, in %s too; fix or replace its images or remove the folder", self.root, len(unread),
+                        self.root / name, counted(count, "image"), why, val.root)
+            self.empty = sorted({*self.empty, *unread})
         # an empty val folder of no training class is no class either (as in relabel); not refused, as ImageFolder
         # refuses any empty class folder: a folder made ahead of its images is common, and said by name
         if gone := sorted({*self.empty, *(name for name in val.empty if name not in self.classes)}):
-            log.warning("%s: %d class folder(s) without a training image, e.g. %s: no class, in %s too; add its "
-                        "training images or remove the folder", self.root, len(gone),
-                        (self.root if gone[0] in self.empty else val.root) / gone[0], val.root)
+            if empty := [name for name in gone if name not in unread]:
+                log.warning("%s: %d class folder(s) without a training image, e.g. %s: no class, in %s too; add its "
+                            "training images or remove the folder", self.root, len(empty),
+                            (self.root if empty[0] in self.empty else val.root) / empty[0], val.root)
             val.drop_classes([name for name in gone if name in val.classes])
             self.drop_classes([name for name in gone if name in self.classes])
+            self.check_classes()  # what is left may be one class
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
