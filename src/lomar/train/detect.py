@@ -61,6 +61,8 @@ from lomar.train.untrained import untrained_classes
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories"]
 
+_PREDICTIONS = "predictions.json"  # a COCO results file
+
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
     """ViTDet's schedule as a factor of the peak lr: linear warm-up from 0.001 over ``warmup``
@@ -99,7 +101,7 @@ def _fit_to_layout(state: dict, model: torch.nn.Module, saved: ViTConfig) -> dic
 class DetectTask(Task):
     """Mask R-CNN training and COCO evaluation (a :class:`~lomar.train.task.Task` of the lifecycle)."""
 
-    name, best_metric, outputs = "detect", "box_AP", ("predictions.json",)
+    name, best_metric, outputs = "detect", "box_AP", (_PREDICTIONS,)
     evaluation_outputs = outputs  # each evaluation of a run writes them: _keep_predictions
     # torchvision's loss names, in the order its Mask R-CNN returns them
     loss_parts = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -234,7 +236,7 @@ class DetectTask(Task):
         if not self.info.enabled:
             self.predictions = results
             metrics = self._scored(results, seen, skipped)
-            self._keep_predictions()
+            self._keep_predictions(self.config.out, eval_only=False)
             return metrics
         gathered = [None] * self.info.world_size if self.info.is_main else None
         dist.gather_object((results, seen, skipped), gathered, dst=0)
@@ -245,7 +247,7 @@ class DetectTask(Task):
             try:
                 metrics = [self._scored(self.predictions, [i for _, ids, _ in gathered for i in ids],
                                         [line for _, _, lines in gathered for line in lines])]
-                self._keep_predictions()
+                self._keep_predictions(self.config.out, eval_only=False)
             except TrainingError as exc:  # too many skipped: said once, here; the lifecycle stops every process
                 failure = exc
             except OSError as exc:  # a full disk: raised alone here, the others would wait for the scores for good
@@ -276,18 +278,17 @@ class DetectTask(Task):
                              f"{f' (it started with --val-ann {started})' if started else ''}, or start a new run "
                              f"with another --out")
 
-    def _keep_predictions(self) -> None:
-        """A run's ``OUT/predictions.json``: the detections of the evaluation just made, written before the checkpoint
-        that follows it, so that a checkpoint of a scored step never goes without them (a kill after the run's last
-        checkpoint leaves a resume nothing to evaluate again). ``--eval-only`` writes them in ``finish``."""
-        if not self.config.eval_only:
-            atomic_write_text(Path(self.config.out) / "predictions.json", json.dumps(self.predictions))
+    def _keep_predictions(self, out: Path | str, eval_only: bool) -> None:
+        """``OUT/predictions.json``, the detections of the evaluation just made, where ``eval_only`` says the
+        caller's is the write of this run's kind: a run's evaluation writes them before the checkpoint that follows
+        it, so that a checkpoint of a scored step never goes without them (a kill after the run's last checkpoint
+        leaves a resume nothing to evaluate again); ``--eval-only``'s ``finish`` before its metrics record."""
+        if self.config.eval_only == eval_only:
+            atomic_write_text(Path(out) / _PREDICTIONS, json.dumps(self.predictions))
 
     def finish(self, out: Path) -> None:
-        """``--eval-only``'s ``OUT/predictions.json``: its detections, a COCO results file, before its metrics record
-        (a run's evaluations write their own: :meth:`_keep_predictions`)."""
-        if self.config.eval_only:
-            atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
+        """``--eval-only``'s detections (:meth:`_keep_predictions`)."""
+        self._keep_predictions(out, eval_only=True)
 
 
 def category_change(ids: list[int] | None, names: list[str] | None, split: CocoSplit, where: str) -> str | None:
