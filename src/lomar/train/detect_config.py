@@ -78,8 +78,7 @@ class DetectConfig(TaskConfig):
                                        resume=_RUN, metavar="DIR")
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
                                                 "(default: a randomly initialised --model)")
-    model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
-                                             "vit_base_patch16 without --pretrained, whose encoder brings its own)")
+    model: str | None = S.RANDOM_MODEL.field()
     out: str | None = S.OUT.field(help="output folder: config.yaml, last.pt, best.pt (the best-scoring box AP), "
                                   "metrics.jsonl, predictions.json (default: runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(1024, help="fixed input size in pixels, a multiple of 32: training crops (at "

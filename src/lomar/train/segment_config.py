@@ -61,8 +61,7 @@ class SegmentConfig(TaskConfig):
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or with --eval-only a `lomar segment` "
                                                 "run or checkpoint (default: none: a randomly initialised --model "
                                                 "encoder, said in the log)")
-    model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
-                                             "vit_base_patch16 without --pretrained, whose encoder brings its own)")
+    model: str | None = S.RANDOM_MODEL.field()
     out: str | None = S.OUT.field(help="output folder: config.yaml, last.pt, best.pt (the best-scoring mIoU), "
                                        "metrics.jsonl, predictions/, per_class.md (default: runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "

@@ -187,6 +187,9 @@ PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a run folder (its 
 # lomar.models.vit.list_models()'s names, written out so that --help needs no torch (a test keeps the two equal)
 MODEL_NAMES = tuple(f"vit_{s}_patch{p}" for s in "mini tiny small base large huge".split() for p in (8, 14, 16))
 MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", choices=MODEL_NAMES, metavar="NAME")
+# detect, segment: --model builds a random encoder alone (encoder_settings.model_only_without_pretrained)
+RANDOM_MODEL = MODEL.but(default=None, help=MODEL.help + "; the random encoder's architecture (default: "
+                         "vit_base_patch16 without --pretrained, whose encoder brings its own)")
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
 NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
 WINDOW_SIZE = Setting(7, "window size K in patches, every method's (BEiT's blockwise masks: K >= 3)", above=0)
