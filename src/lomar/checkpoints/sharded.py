@@ -227,10 +227,7 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    sharded_dir = Path(sharded_dir)
-    if not (sharded_dir / ".metadata").exists():
-        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
-                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
+    sharded_dir = _sharded(sharded_dir)
     from torch.distributed.checkpoint.api import CheckpointException
 
     check_metadata(sharded_dir, ("model",))  # here: a refusal inside DCP is logged with tracebacks, then wrapped
@@ -245,27 +242,38 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     if not isinstance(full.get("model"), dict):
         raise ValueError(f"{sharded_dir} holds no model state; pass a checkpoint-NNNNNN.dcp folder of a "
                          f"`lomar pretrain --fsdp` run")
-    meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
-    state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
-    state.setdefault("format", PRETRAIN_FORMAT)
-    return state
+    return _with_meta(sharded_dir, {k: v.contiguous() for k, v in full["model"].items()})
 
 
 def sharded_outline(sharded_dir: str | Path) -> dict:
     """:func:`read_sharded`'s dict with no record read: its ``model`` holds tensors on the meta device, of the shapes
     and dtypes its metadata gives, enough to tell its format and architecture. ValueError where the metadata does not
     pass :func:`check_metadata`, or there is no ``.metadata``."""
-    sharded_dir = Path(sharded_dir)
-    if not (sharded_dir / ".metadata").is_file():
-        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
-                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
+    sharded_dir = _sharded(sharded_dir)
     check_metadata(sharded_dir, ())
     metadata = _MetadataUnpickler(io.BytesIO(_checked(sharded_dir / ".metadata")[0])).load()
     model = {fqn.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype, device="meta")
              for fqn, entry in metadata.state_dict_metadata.items()
              if fqn.startswith("model.") and hasattr(entry, "size")}  # its tensors' records; bytes have no size
+    return _with_meta(sharded_dir, model)
+
+
+def _sharded(sharded_dir: str | Path) -> Path:
+    """``sharded_dir`` as a Path; ValueError where it holds no ``.metadata``, so is no sharded checkpoint."""
+    sharded_dir = Path(sharded_dir)
+    if not (sharded_dir / ".metadata").exists():
+        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
+                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
+    return sharded_dir
+
+
+def _with_meta(sharded_dir: Path, model: dict) -> dict:
+    """The single-file form of the sharded checkpoint ``sharded_dir`` whose model state is ``model``: its meta.pt's
+    entries beside it, and a pretraining checkpoint's format where they name none."""
     meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
-    return {"model": model, **meta, "format": meta.get("format", PRETRAIN_FORMAT)}
+    state = {"model": model, **meta}
+    state.setdefault("format", PRETRAIN_FORMAT)
+    return state
 
 
 def refusal(failure) -> BaseException:
