@@ -170,3 +170,22 @@ def test_a_validation_folder_of_other_images_is_refused_before_training(tiny, tm
                            f"{small / 'img000.png'} is 64x48 upright, but {val_ann} gives it 128x96")
     assert last.endswith("pass the folder of the images it was written for as --val-images, or fix the file")
     assert not out.exists()
+
+
+def test_the_validation_line_says_its_boxes_are_scored_as_written(tiny, tmp_path, capsys):
+    # the val line said "boxes clipped to their image, boxes of zero area skipped", as training does, while COCOeval
+    # scores that split's boxes as the file writes them: a zero-area box stays an object no detected box matches
+    (_, train_images), (val_ann, val_images) = tiny
+    edited = edited_coco(val_ann, tmp_path, lambda d: d["annotations"][0].update(bbox=[-10.0, -5.0, 40.0, 30.0])
+                         or d["annotations"][1].update(bbox=[20.0, 20.0, 0.0, 10.0]))
+    (small := tmp_path / "small").mkdir()  # refused at the images' check, after the line, before any model
+    for path in sorted(val_images.iterdir()):
+        with Image.open(path) as image:
+            image.resize((image.width // 2, image.height // 2)).save(small / path.name)
+    main(["detect", "--train-ann", str(edited), "--train-images", str(train_images), "--val-ann", str(edited),
+          "--val-images", str(small), "--model", "vit_tiny_patch16", "--img-size", "64", "--workers", "0",
+          "--out", str(tmp_path / "run")])
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith(f"lomar detect: val {edited}: "))
+    assert "1 boxes reaching outside their image (scored as written)" in line
+    assert "1 boxes of zero area (scored as written: no detected box matches one" in line
+    assert "skipped" not in line and "clipped" not in line

@@ -77,10 +77,15 @@ class CocoSummary:
     # its file by a digest of this module, so one written without them is never read)
     boxed: list[int] | None = None
 
-    def line(self) -> str:
-        notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
-                 (self.zero_area, "boxes of zero area skipped"),
-                 (self.far, "polygons reaching far outside their image clipped"),
+    def line(self, scored: bool = False) -> str:
+        """The start-up line; ``scored``: a validation split's, whose boxes COCOeval scores as the file writes them."""
+        boxes = [(self.crowd, "crowd regions (detections on them not counted)"),
+                 (self.clipped, "boxes reaching outside their image (scored as written)"),
+                 (self.zero_area, "boxes of zero area (scored as written: no detected box matches one, which lowers "
+                                  "box AP)")] if scored else [
+            (self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
+            (self.zero_area, "boxes of zero area skipped")]
+        notes = [*boxes, (self.far, "polygons reaching far outside their image clipped"),
                  (self.areas, "areas left out of the file taken from the masks"),
                  (self.boxless, "images without a box left out of training")]
         shared = [f"{self.shared} images naming a file an earlier image names, e.g. {self.shared_first} (each "

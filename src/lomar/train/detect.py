@@ -117,7 +117,7 @@ class DetectTask(Task):
         if not self.val.summary.boxes:  # pycocotools would score nothing and every AP would be undefined
             raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
                              f"COCO AP needs non-crowd boxes in the validation split")
-        log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
+        log(f"lomar detect: val {self.val.path}: {self.val.summary.line(scored=True)}")
         load_resumed(self)  # other categories: refused before the images' check, the model
         if info.is_main:  # not first found after an epoch; one process reads the headers, its error stops all
             check_split_images(self.val, "--val-images", config.workers or 1)
