@@ -83,6 +83,10 @@ def mask_area(seg, width: float, height: float) -> float:
 
 def check_coco_paths(ann_file: str | Path, image_root: str | Path | None, flag: str, images_flag: str) -> None:
     """A UsageError when the instances file is not a file or its image folder (None: not checked) not a folder."""
+    if Path(ann_file).is_dir():  # an image or annotations folder given for the file, or the file's folder
+        found = sorted(p.name for p in Path(ann_file).glob("*.json"))
+        held = f", e.g. one it holds: {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+        raise UsageError(f"{flag} {Path(ann_file)} is a folder; pass a COCO instances JSON file{held}")
     if not Path(ann_file).is_file():
         raise UsageError(f"{flag} {Path(ann_file)} does not exist; pass a COCO instances JSON file")
     if image_root is not None and not Path(image_root).is_dir():
