@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from segment_cli import _segment
+from segment_cli import _segment, scoring_task
 
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
@@ -106,26 +105,6 @@ def _cut_short(photo: Path) -> None:
     photo.write_bytes(data[:data.index(b"\xff\xda") + 20])
 
 
-def _scoring(data: Path, out: Path, run: bool):
-    """A SegmentTask of ``data``'s validation split whose model is one 1x1 convolution, evaluating in this process
-    (``run``: a training run's evaluation, not --eval-only's)."""
-    from types import SimpleNamespace
-
-    from lomar.data.segmentation import SegmentationFolder
-    from lomar.train.distributed import DistInfo
-    from lomar.train.segment import SegmentTask
-
-    task = SegmentTask.__new__(SegmentTask)
-    task.config = SimpleNamespace(num_classes=10, eval_mode="whole", eval_stride=None, img_size=32, eval_only=not run,
-                                  zero_label="ignore", out=str(out), pretrained="seg.pt", seed=0, device="cpu",
-                                  threads=torch.get_num_threads())  # --eval-only sets it: keep this process's
-    task.info, task.device, task.source, task.class_labels = DistInfo(), torch.device("cpu"), {}, list("0123456789")
-    task.val_set = SegmentationFolder(data, "validation", 10, 32, train=False, workers=1)
-    task.val_folder = data / "images" / "validation"
-    task.model = torch.nn.Conv2d(3, 10, 1)
-    return task
-
-
 def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, monkeypatch):
     """--eval-only's record and result line, and before every epoch line of a run, the images scored and skipped
     (each skipped one is warned of only at its first read); more than 10 % skipped stops in one line."""
@@ -138,7 +117,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, mon
     assert len(photos) == 10
     _cut_short(photos[0])
     note = f"{data / 'images' / 'validation'}: 1 unreadable image(s) skipped, at most 10% of a split"
-    scoring = _scoring(data, tmp_path / "ev", run=False)
+    scoring = scoring_task(data, tmp_path / "ev", run=False)
     monkeypatch.setattr(segment, "SegmentTask", lambda *args: scoring)
     assert segment.evaluate_only(scoring.config) == 0
     monkeypatch.undo()
@@ -150,7 +129,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, mon
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("lomar segment: mIoU ")
     assert line.endswith(f" over 9 images ({note}); {tmp_path / 'ev' / 'predictions'}")
-    task = _scoring(data, tmp_path / "run", run=True)
+    task = scoring_task(data, tmp_path / "run", run=True)
     for _ in range(2):  # a run's evaluations: each says it, the epoch line following
         assert task.evaluate()["val_images"] == {"scored": 9, "skipped": 1}
         assert capsys.readouterr().out == note + "\n"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lomar.checkpoints.file_names import METRICS
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, mismatch
+from lomar.checkpoints.io import atomic_write_text, mismatch
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
@@ -50,6 +50,7 @@ from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text, read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
+from lomar.train.segment_pngs import write_label_maps
 from lomar.train.task import Task
 from lomar.train.task_resume import resume_line, resumed_encoder_config
 from lomar.train.untrained import untrained_classes
@@ -175,7 +176,8 @@ class SegmentTask(Task):
         them), and the main process's ``val_images`` where images were skipped
         (:func:`~lomar.train.eval_only.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
-        replacing the last evaluation's."""
+        replacing the last evaluation's, whose PNGs of images not scored now are removed
+        (:func:`~lomar.train.segment_pngs.write_label_maps`)."""
         model, config, info = self.model, self.config, self.info
         stride = slide_stride(config.eval_stride, config.img_size)
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
@@ -200,10 +202,7 @@ class SegmentTask(Task):
         counts = {}
         if info.is_main:  # too many skipped: the main process raises, the lifecycle stops every one
             counts = scored_split(self.val_folder, len(self.val_set), skipped, say=not config.eval_only)
-            folder = Path(config.out) / "predictions"
-            folder.mkdir(parents=True, exist_ok=True)
-            for stem, data in pngs:
-                atomic_write_bytes(folder / f"{stem}.png", data)
+            write_label_maps(Path(config.out) / "predictions", pngs)
         metrics = segmentation_metrics(confusion.cpu())
         # NaN: no labelled pixel was scored; None says undefined, as detect's metrics do (and JSON has no NaN)
         self.scored = {k: [_defined(v) for v in metrics[k]] if isinstance(metrics[k], list) else _defined(metrics[k])

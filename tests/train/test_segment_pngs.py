@@ -1,0 +1,64 @@
+"""`lomar segment`'s predictions/ (lomar.train.segment_pngs): the label maps of the last evaluation only, a user's own
+files there kept, a kill midway leaving nothing of lomar's that the next evaluation does not clear."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from segment_cli import scoring_task
+
+from lomar.train import segment_pngs
+from lomar.train.segment_pngs import WRITTEN, write_label_maps
+
+
+def _names(folder, hidden: bool = True) -> list[str]:
+    """The names in ``folder``; ``hidden``: its hidden files' too (lomar's list of what it wrote there)."""
+    return sorted(path.name for path in folder.iterdir() if hidden or not path.name.startswith("."))
+
+
+def test_an_evaluation_of_fewer_images_leaves_no_png_of_the_earlier_ones(tmp_path, digits64):
+    """--eval-only --overwrite of a split without some image (or a run's evaluation that skipped it) removes the PNG
+    an earlier evaluation wrote of it, which a user would take for this one's; the user's own files there stay."""
+    full, fewer, out = digits64, tmp_path / "fewer", tmp_path / "out"
+    shutil.copytree(full, fewer)
+    gone = sorted((fewer / "images" / "validation").glob("*.jpg"))[0].stem
+    (fewer / "images" / "validation" / f"{gone}.jpg").unlink()
+    (fewer / "annotations" / "validation" / f"{gone}.png").unlink()
+    scoring_task(full, out, run=False).evaluate()
+    predictions = out / "predictions"
+    stems = sorted(path.stem for path in (full / "images" / "validation").glob("*.jpg"))
+    assert _names(predictions, hidden=False) == [f"{stem}.png" for stem in stems]
+    (predictions / "mine.png").write_bytes(b"the user's")
+    (predictions / "notes.txt").write_text("the user's")
+    scoring_task(fewer, out, run=False).evaluate()
+    assert _names(predictions, hidden=False) == sorted(["mine.png", "notes.txt",
+                                                        *(f"{stem}.png" for stem in stems if stem != gone)])
+    assert (predictions / "mine.png").read_bytes() == b"the user's"
+
+
+def test_a_kill_midway_leaves_what_the_next_evaluation_clears(tmp_path, monkeypatch):
+    """Killed between its PNGs, an evaluation leaves the earlier one's and some of its own, all listed: the next
+    leaves its own alone. A list a user edited names nothing outside the folder lomar removes."""
+    folder = tmp_path / "predictions"
+    write_label_maps(folder, [("a", b"1"), ("b", b"1")])
+    (folder / "mine.png").write_bytes(b"the user's")
+    written, write = [], segment_pngs.atomic_write_bytes
+
+    def killed_after_one(path, data):
+        if written:
+            raise KeyboardInterrupt  # as a kill: nothing after it runs
+        written.append(path)
+        return write(path, data)
+
+    monkeypatch.setattr(segment_pngs, "atomic_write_bytes", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_label_maps(folder, [("c", b"2"), ("d", b"2")])
+    monkeypatch.undo()
+    assert _names(folder) == [WRITTEN, "a.png", "b.png", "c.png", "mine.png"]
+    write_label_maps(folder, [("d", b"3")])
+    assert _names(folder) == [WRITTEN, "d.png", "mine.png"]
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (folder / WRITTEN).write_text('{"pngs": ["../outside.png", ".hidden.png", 3, "d.png"]}')
+    write_label_maps(folder, [])
+    assert _names(folder) == [WRITTEN, "mine.png"] and (tmp_path / "outside.png").exists()
