@@ -34,7 +34,7 @@ from lomar.errors import ANSI_ESCAPE, UsageError
 __all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save",
            "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
            "write_error", "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree",
-           "mismatch", "FILE_MODE"]
+           "mismatch", "differences", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -267,6 +267,11 @@ def mismatch(exc: Exception) -> str:
     ("Error(s) in loading state_dict for …:"), the first difference follows it."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+
+
+def differences(exc: Exception) -> str:
+    """All that a failed ``load_state_dict`` says differs, on one line: its lines after torch's header."""
+    return " ".join(line.strip() for line in str(exc).splitlines()[1:])
 
 
 def first_non_finite(weights: dict) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lomar.checkpoints.io import check_finite, safe_load
+from lomar.checkpoints.io import check_finite, differences, safe_load
 from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
     ENCODER_PREFIXES,
@@ -176,7 +176,7 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
     try:
         model.load_state_dict(converted, strict=True)
     except RuntimeError as exc:
-        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+        details = differences(exc)
         raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
                          f"pass overrides to load_original") from exc
     return model

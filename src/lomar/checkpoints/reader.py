@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lomar.checkpoints.file_names import CONFIG_NAME, RUN_CONFIG, RUN_ENCODER
+from lomar.checkpoints.io import differences
 from lomar.models.beit import BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.spec import build_from_spec
@@ -202,6 +203,6 @@ def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:
     try:
         model.load_state_dict(own, strict=True)
     except RuntimeError as exc:
-        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+        details = differences(exc)
         raise ValueError(f"{path}: weights do not fit its model spec ({spec['arch']}): {details[:300]}") from None
     return model
