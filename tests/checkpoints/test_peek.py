@@ -38,3 +38,19 @@ def test_a_checkpoint_in_torchs_legacy_format_is_read_whole_as_it_cannot_be_mapp
     path = tmp_path / "legacy.pt"
     torch.save(_pretraining(), path, _use_new_zipfile_serialization=False)
     assert peek_encoder(path) == ("vit", 8) and not holds_beit(path)
+
+
+def test_a_mapped_checkpoint_in_no_format_is_not_read_again_whole(tmp_path, monkeypatch):
+    """A zip checkpoint of no format lomar reads was mapped, and identified as none: None at once, where a second,
+    whole read (the legacy format's fallback) would read a large file for the same answer."""
+    path = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    loads, load = [], lomar.checkpoints.formats.safe_load
+
+    def counted(file, *args, **kwargs):
+        loads.append(kwargs.get("mmap", False))
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr(lomar.checkpoints.formats, "safe_load", counted)
+    assert peek_encoder(path) is None and not holds_beit(path)
+    assert loads == [True, True]  # one mapped read each

@@ -4,6 +4,7 @@ command can refuse an encoder it cannot use while checking its settings."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 from lomar.checkpoints.export_leftovers import readable_file
@@ -22,7 +23,8 @@ _UNREADABLE = (OSError, ValueError, RuntimeError, RecursionError, AttributeError
 def _held(path: Path) -> tuple[Reader, Source] | None:
     """The reader and source of what ``path`` holds, reading as little as tells it: a sharded checkpoint's metadata
     (its tensors on the meta device), a file's tensors mapped (a file in torch's legacy non-zip format, which cannot be
-    mapped, read whole), an export folder's config.json; None where it cannot be read."""
+    mapped, read whole: one in no format is not read twice), an export folder's config.json; None where it cannot be
+    read."""
     try:
         path = readable_file(path)  # read as load_pretrained_encoder reads it
         if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
@@ -30,7 +32,9 @@ def _held(path: Path) -> tuple[Reader, Source] | None:
         try:
             return read(path, mmap=True)
         except ValueError:
-            return read(path)
+            if path.is_dir() or zipfile.is_zipfile(path):  # a zip maps: what failed was not the mapping
+                raise
+            return read(path)  # torch's legacy (non-zip) format, which cannot be mapped
     except _UNREADABLE:
         return None
 
