@@ -151,3 +151,40 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
         f"{promise}; but torchrun kills its processes 30 s after a Ctrl-C (fixed in this torch release) and a step "
         f"and a save take about 1m5s here: the checkpoint may be lost (this torch's torchrun has no "
         f"--shutdown-timeout)\n")
+
+
+def test_a_ctrl_c_under_torchrun_in_the_first_step_or_evaluation_says_it_cannot_tell_yet(monkeypatch, capfd):
+    """The run's first step (its loader's start-up, a compile) and its first evaluation have no earlier one to time:
+    taken for a step of 0 s and the save, a compile's first step passed torchrun's wait with no word (2 gloo
+    processes, checked). The line says it cannot tell yet, or once the time so far passes the wait, that it does."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+
+    def said(so_far: float, steps=(), evaluation: bool = False) -> str:
+        flag = StopFlag(command="finetune")
+        flag.steps.extend(steps)
+        flag.save_s, flag.evaluating = 0.2, evaluation
+        try:
+            flag.install()
+            flag.mark -= so_far  # the step (or, after the step before it, the evaluation) began so_far s ago
+            flag.after_work = evaluation  # as the step before an evaluation leaves it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        finally:
+            flag.restore()
+        return capfd.readouterr().err
+
+    promise = "lomar finetune: Ctrl-C: saving a checkpoint at the end of this {}, then stopping (Ctrl-C again stops " \
+              "at once, without it)"
+    wait = "; but torchrun kills its processes 30 s after a Ctrl-C (its --shutdown-timeout's default)"
+    cannot = "cannot be told yet: unless it was launched with a --shutdown-timeout over the time they take, the " \
+             "checkpoint may be lost\n"
+    assert said(4.0) == f"{promise.format('step')}{wait}, and how long the run's first step (4s so far) and a save take " \
+                        f"{cannot}"
+    assert said(40.0) == f"{promise.format('step')}{wait} and a step and a save take over 40s here: unless it was " \
+                         f"launched with a --shutdown-timeout over 41, the checkpoint may be lost\n"
+    assert said(2.0, [0.5], evaluation=True) == (
+        f"{promise.format('evaluation')}{wait}, and how long the run's first evaluation (2s so far) and a save take "
+        f"{cannot}")
+    assert said(2.0, [0.5]) == promise.format("step") + "\n"  # a step timed, and this one short of the wait

@@ -240,21 +240,36 @@ class StopFlag:
     def _torchrun_kill(self) -> str:
         """What a Ctrl-C's line adds under torchrun when a step and the save take longer than torchrun waits for its
         processes: a terminal's Ctrl-C reaches torchrun alone (its processes run in sessions of their own), which
-        passes it on and kills them that many seconds later, before the checkpoint."""
+        passes it on and kills them that many seconds later, before the checkpoint. The run's first step (its loader's
+        start-up, a compile) and first evaluation have no earlier one to go by: the line says it cannot tell, unless
+        their time so far already passes torchrun's wait."""
         if self.torchrun_wait is None:
             return ""
         grace, said, told = self.torchrun_wait
-        step = max(self.steps) if self.steps else self.first_step or 0.0
+        work = "an evaluation" if self.evaluating else "a step"
+        # the current work's seconds so far (with what torch.compile spent: torchrun's clock counts it); after an
+        # evaluation or an epoch's end, the interval since the mark holds that work, done, and the step after it
+        so_far = monotonic() - self.mark if self.mark is not None and (self.evaluating or not self.after_work) else 0.0
+        step = max(self.steps) if self.steps else self.first_step
         # an evaluation's time is in the interval of the step after it (works): the longest such, while one runs
         # (a step over: a run stops right after an evaluation)
-        needed = (max([step, *self.works]) if self.evaluating else step) + (self.save_s or 0.0)
+        took = (max(self.works) if self.works else None) if self.evaluating else step
+        save = self.save_s or 0.0
+        if took is None and so_far + save < grace:
+            first = "first evaluation" if self.evaluating else "first step"
+            lost = ("unless it was launched with a --shutdown-timeout over the time they take, the checkpoint may be "
+                    "lost" if told else "if they take longer the checkpoint may be lost (this torch's torchrun has no "
+                    "--shutdown-timeout)")
+            return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}), and how long the run's "
+                    f"{first} ({duration_text(so_far)} so far) and a save take cannot be told yet: {lost}")
+        needed = max(took or 0.0, so_far) + save
         if needed < grace:
             return ""
-        work = "an evaluation" if self.evaluating else "a step"
         lost = (f"unless it was launched with a --shutdown-timeout over {math.ceil(needed)}, the checkpoint may be lost"
                 if told else "the checkpoint may be lost (this torch's torchrun has no --shutdown-timeout)")
+        about = "about" if took is not None and took >= so_far else "over"  # over: the work is not done yet
         return (f"; but torchrun kills its processes {grace} s after a Ctrl-C ({said}) and {work} and a save take "
-                f"about {duration_text(needed)} here: {lost}")
+                f"{about} {duration_text(needed)} here: {lost}")
 
 
 # torchrun's wait between passing a stop signal on to its processes and killing them: its --shutdown-timeout (an
