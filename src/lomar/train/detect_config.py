@@ -34,6 +34,8 @@ _RUN = "run-control"
 # its encoder's attention layout (the weights fit any, the model was trained and is scored with these) and its
 # relative position term (part of the weights: it must match).
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
+# What --eval-only takes from the detector's run unless --val-ann is given
+_SCORED_ON = ("val_ann", "val_images")
 # What a checkpoint saved before these settings existed trained with: a fixed position table, no relative term
 _SAVED_BEFORE = {"train_pos_embed": False, "rel_pos": "none"}
 # what --eval-only leaves unread: the training split, schedule, optimizer and augmentation (stochastic depth too: a
@@ -71,10 +73,12 @@ class DetectConfig(TaskConfig):
     train_images: str | None = S.setting(None, "folder of the training images (file_name is relative to it; "
                                          f"default: {_IMAGES_DEFAULT.format(flag='--train-ann')})", kind=str,
                                          path=True, resume=_RUN, metavar="DIR")
-    val_ann: str | None = S.setting(None, "COCO instances JSON of the validation split (default: none; required)",
+    val_ann: str | None = S.setting(None, "COCO instances JSON of the validation split (default: none, required; with "
+                                    "--eval-only the one its detector's run scored)",
                                     kind=str, path=True, resume=_RUN, metavar="FILE")
     val_images: str | None = S.setting(None, "folder of the validation images (default: "
-                                       f"{_IMAGES_DEFAULT.format(flag='--val-ann')})", kind=str, path=True,
+                                       f"{_IMAGES_DEFAULT.format(flag='--val-ann')}; with --eval-only and no --val-ann "
+                                       "the one its detector's run scored)", kind=str, path=True,
                                        resume=_RUN, metavar="DIR")
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
                                                 "(default: a randomly initialised --model)")
@@ -127,9 +131,6 @@ class DetectConfig(TaskConfig):
     def complete(self, explicit: dict[str, Any]) -> None:
         refuse_training_settings(self, explicit, _TRAINING)
         model_only_without_pretrained(self, explicit)
-        for split in ("train", "val"):
-            if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
-                setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
         if self.pretrained and not rebuilt_encoder_config(self):  # a resume rebuilding its model reads no --pretrained
             # one read (its tensors mapped, read as the task loads them): the layout taken here and the weights
             # loaded are of one file, even if a run still training there renames a newer best.pt over it meanwhile
@@ -142,9 +143,18 @@ class DetectConfig(TaskConfig):
             settings = self.detector.checkpoint.get("settings")
             if isinstance(settings, dict):
                 settings = {**_SAVED_BEFORE, **settings}
-                taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
+                # --eval-only scores the split its run scored unless given one, as segment's takes its run's --data
+                scored = _SCORED_ON if self.eval_only and "val_ann" not in explicit else ()
+                taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT + scored and k not in explicit}
                 for name, value in coerce_all(type(self), taken, str(self.detector.path), strict=False).items():
                     setattr(self, name, value)
+                if "val_ann" in taken and not Path(self.val_ann).is_file():  # not a --val-ann the user typed
+                    raise ConfigError(f"--eval-only scores {self.detector.path} on the split its run scored, "
+                                      f"{self.val_ann}, which is not a file now; pass --val-ann FILE (and --val-images "
+                                      f"DIR) of the split to score")
+        for split in ("train", "val"):
+            if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
+                setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
 
     def check_settings(self) -> None:
         if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map

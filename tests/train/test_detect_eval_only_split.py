@@ -1,0 +1,45 @@
+"""`lomar detect --eval-only` scores the validation split its detector's run scored unless given another, as
+`segment --eval-only` takes its run's --data."""
+
+from __future__ import annotations
+
+import torch
+import yaml
+
+from lomar.checkpoints.kinds import DETECT_FORMAT
+from lomar.cli.app import main
+
+
+def _detector(tmp_path):
+    """A `lomar detect` checkpoint as far as the settings read it: its format and the run's settings."""
+    (tmp_path / "coco" / "valid").mkdir(parents=True)
+    (ann := tmp_path / "coco" / "valid.json").write_text("{}")
+    path = tmp_path / "last.pt"
+    torch.save({"format": DETECT_FORMAT, "step": 2, "settings": {"val_ann": str(ann), "img_size": 64,
+                                                                "val_images": str(tmp_path / "coco" / "valid")}}, path)
+    return path, ann
+
+
+def test_eval_only_without_val_ann_scores_the_split_its_run_scored(tmp_path, capsys):
+    # the checkpoint names both files: neither flag is needed
+    path, ann = _detector(tmp_path)
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["val_ann"], resolved["val_images"]) == (str(ann), str(tmp_path / "coco" / "valid"))
+
+
+def test_eval_only_given_val_ann_reads_its_images_where_that_file_says(tmp_path, capsys):
+    path, _ = _detector(tmp_path)
+    (other := tmp_path / "other.json").write_text("{}")
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--val-ann", str(other), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["val_ann"], resolved["val_images"]) == (str(other), str(tmp_path))  # not the run's folder
+
+
+def test_eval_only_whose_runs_split_is_gone_says_so_and_names_the_flag(tmp_path, capsys):
+    path, ann = _detector(tmp_path)
+    ann.unlink()
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == (f"lomar detect: error: --eval-only scores {path} on the split its run scored, "
+                                       f"{ann}, which is not a file now; pass --val-ann FILE (and --val-images DIR) "
+                                       f"of the split to score\n")
