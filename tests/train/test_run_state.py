@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def test_resuming_an_older_checkpoint_into_a_newer_folder_refuses(tmp_path):
     check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path, overwrite=True)
     check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path / "elsewhere", overwrite=False)
     check_no_rewind(tmp_path / "last.pt", tmp_path, overwrite=False)
+
+
+def test_a_copy_of_an_older_checkpoint_elsewhere_is_not_offered_as_a_rewind(tmp_path):
+    """A finetune / detect / segment run keeps no numbered checkpoint, so a rewind resumes a copy of last.pt. One
+    outside the run's folder is another folder's checkpoint: --overwrite replaces the run, its log with it, so the
+    refusal does not call that a rewind, and says where a copy rewinds from."""
+    run = _run_folder(tmp_path / "run", 4, seed=0)
+    atomic_save(_state(2), tmp_path / "step2.pt")
+    with pytest.raises(UsageError) as caught:
+        check_no_rewind(tmp_path / "step2.pt", run, overwrite=False)
+    assert str(caught.value) == (f"--resume {tmp_path / 'step2.pt'} is another folder's checkpoint, and --out "
+                                 f"{run} already holds a run; pass --out NEW_FOLDER to branch off, or --overwrite to "
+                                 f"replace that run; a copy of this run's checkpoint rewinds it, its log kept up to "
+                                 f"step 2, from inside {run}: put it there and resume it with --overwrite")
+    shutil.copy(tmp_path / "step2.pt", run / "step2.pt")
+    with pytest.raises(UsageError, match=r"step2\.pt \(step 2\) would rewind .*--overwrite to rewind"):
+        check_no_rewind(run / "step2.pt", run, overwrite=False)
+    check_no_rewind(run / "step2.pt", run, overwrite=True)
 
 
 @dataclasses.dataclass

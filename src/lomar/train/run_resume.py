@@ -166,16 +166,23 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint
     if overwrite or (point is not None and point.resume == "auto" and point.out == Path(out).resolve()):
         return
     newest = find_resume_point(out, point)  # the newest intact state, if last.pt is missing, cut or behind
-    last = newest.path
+    last, rewinds = newest.path, None
     if last is not None and not (resume.exists() and last.samefile(resume)):
         newer = newest.step
         older = point.step if point is not None and point.path == resume else checkpoint_step(resume)
         if newer is not None and older is not None and newer > older:
-            raise UsageError(f"{given['resume']} (step {older}) would rewind {out}, whose {last.name} is at step "
-                             f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
+            rewinds = older
+            if not foreign(resume, out):
+                raise UsageError(f"{given['resume']} (step {older}) would rewind {out}, whose {last.name} is at step "
+                                 f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume "
+                                 f"{last}")
     if foreign(resume, out) and holds_run(out):
+        # --overwrite clears the run (its log too), as for any other folder's checkpoint: a rewind, which keeps the
+        # log up to the checkpoint's step, resumes a checkpoint in the run's own folder
+        rewind = (f"; a copy of this run's checkpoint rewinds it, its log kept up to step {rewinds}, from inside "
+                  f"{out}: put it there and resume it with --overwrite") if rewinds is not None else ""
         raise UsageError(f"{given['resume']} is another folder's checkpoint, and {given['out']} already holds a run; "
-                         f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
+                         f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run{rewind}")
 
 
 def listing_record(names: Iterable[str], root: str, count: int) -> dict:
