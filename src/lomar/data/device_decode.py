@@ -91,7 +91,7 @@ class EncodedPretrainDataset(FastPretrainDataset):
     """The pretraining dataset of an :class:`lomar.data.folder.ImageListDataset`, left encoded.
 
     Items: ``{"image": None, "encoded": uint8 (n,) file bytes, "box": int64 (4,) (top, left, h, w)
-    in full-size pixels, "flip": bool, "path", **plan}`` for a JPEG the device can decode, else the
+    in full-size pixels, "flip": bool, "path", "source", **plan}`` for a JPEG the device can decode, else the
     base dataset's item (``"image"`` decoded, ``"encoded"`` None); an unreadable file has both None.
     A JPEG that ``share`` gives the worker (one that decodes at 1/2 scale or less) is decoded as
     ``--decode draft`` does, but left uint8 for the device to normalise (a quarter of the bytes to

@@ -47,7 +47,7 @@ from lomar.data.decode import (
 )
 from lomar.data.folder import ImageListDataset
 from lomar.data.gpu_jpeg import decode_jpegs, frees_outside_torch
-from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
+from lomar.data.transforms import SampleDraw, draw_sample, source_size, unreadable_item
 
 __all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_windows", "window_boxes",
            "gpu_decode_crops", "jpeg_size"]
@@ -110,7 +110,7 @@ class FastPretrainDataset(Dataset):
     beats one resize) or "gpu" (the file left encoded: see
     :class:`lomar.data.device_decode.EncodedPretrainDataset`). A sample that gains nothing (a photo
     too small to decode reduced, windows covering most of the crop, not a plain JPEG) is the base
-    dataset's item, bit for bit. Items as the base dataset's: ``{"image", "path", **plan}``; an
+    dataset's item, bit for bit. Items as the base dataset's: ``{"image", "path", "source", **plan}``; an
     unreadable file, or one over the pixel limit, gives ``image=None`` like the base.
     """
 
@@ -141,13 +141,14 @@ class FastPretrainDataset(Dataset):
             with open_pil(data, str(path)) as img:  # checks the size before anything is decoded
                 if not self._takes(img):
                     return base[key]
-                draw = draw_sample(base.transform, base.masker, *oriented_size(img), gen)
+                source = oriented_size(img)
+                draw = draw_sample(base.transform, base.masker, *source, gen)
                 item = self._decode(img, data, draw)
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
             return unreadable_item(path, base.transform.size, str(exc))
         # None: no DCT scale keeps the crop >= S px (small photos), where the reference path is the
         # fastest, and exact; it draws the same box, flip and plan from a fresh generator.
-        return base[key] if item is None else {**item, "path": path, **draw.plan}
+        return base[key] if item is None else {**item, "path": path, "source": source_size(*source), **draw.plan}
 
     def _takes(self, img: Image.Image) -> bool:
         """Whether this mode decodes ``img`` itself (else the reference path does)."""

@@ -96,7 +96,8 @@ def build_image_list(data: str | Path) -> PathTable:
 class ImageListDataset(Dataset):
     """Map-style dataset over image files; keys are ``(index, epoch)`` (an int means epoch 0).
 
-    Items: ``{"image": (3, S, S) float32 or None if unreadable, "path": str, **masker(gen)}``.
+    Items: ``{"image": (3, S, S) float32 or None if unreadable, "path": str, "source": (2,) the image's (height,
+    width), **masker(gen)}`` (:func:`lomar.data.transforms.make_item`).
     """
 
     def __init__(self, paths: Sequence[Path], transform: PretrainTransform, seed: int = 0,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_seed", "sample_generator",
-           "SampleDraw", "draw_sample", "PretrainTransform", "make_item", "unreadable_item"]
+           "SampleDraw", "draw_sample", "PretrainTransform", "source_size", "make_item", "unreadable_item"]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,14 +145,21 @@ def unreadable_item(path: str, size: int, why: str = "") -> dict:
     return {"image": None, "path": path, "size": size, "why": why}
 
 
+def source_size(height: int, width: int) -> torch.Tensor:
+    """An item's ``"source"``: int64 (2,) (height, width) of the whole (EXIF-oriented) image its crop was drawn from,
+    which every decode path puts in its items, so that a run can count the images smaller than its crop (upscaled)."""
+    return torch.tensor((height, width), dtype=torch.int64)
+
+
 def make_item(path: str, decode: Callable[[], torch.Tensor], transform: PretrainTransform,
               gen: torch.Generator, masker: Masker | None) -> dict:
     """One pretraining sample on the reference path (the whole image decoded, then cropped):
-    ``{"image": (3, S, S), "path", **plan}``, or :func:`unreadable_item`."""
+    ``{"image": (3, S, S), "path", "source": (2,) :func:`source_size`, **plan}``, or :func:`unreadable_item`."""
     try:
         image = decode()
     except (ValueError, RuntimeError, OSError) as exc:
         return unreadable_item(path, transform.size, str(exc))
     # outside the try: a crop or mask that fails on a decoded image is a bug to raise, not a file to blame
-    draw = draw_sample(transform, masker, image.shape[-2], image.shape[-1], gen)
-    return {"image": transform.apply(image, draw), "path": path, **draw.plan}
+    height, width = image.shape[-2:]
+    draw = draw_sample(transform, masker, height, width, gen)
+    return {"image": transform.apply(image, draw), "path": path, "source": source_size(height, width), **draw.plan}

@@ -59,6 +59,7 @@ class PretrainTask(Task):
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
+        self.crop_size = config.img_size  # an image under it on its shorter side is upscaled: the run counts them
         self.figure_failures: set[str] = set()  # the lines said of figures that could not be drawn
         self.betas = tuple(config.betas)  # the method's recipe unless set
         self.model = build_model(config, prepare_method(config)).to(device)
@@ -147,6 +148,11 @@ class PretrainTask(Task):
 
     def batches(self):
         return self.decoding.batches(self.train_loader, self.device, self.config.decode_ahead)
+
+    def sources(self, batch: dict) -> list[tuple[str, int, int]]:
+        # every decode path's items carry their image's size (lomar.data.transforms.source_size); none when all failed
+        sizes = batch["source"].tolist() if "source" in batch else []
+        return [(path, height, width) for path, (height, width) in zip(batch["paths"], sizes)]
 
     def skipped(self, batch: dict) -> list[str]:
         why = batch.get("why", {})  # the size limit, a truncated file: the warning and a run's final error say it

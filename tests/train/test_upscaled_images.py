@@ -1,0 +1,65 @@
+"""Images smaller than the training crop, whose every crop is upscaled: each counted once over the whole run (a resume,
+loader workers, every process) and said in the run's last line, the first one met warned of at once."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from toy_run import ToyConfig, ToyTask
+
+from helpers import pretrain, write_images
+from lomar.checkpoints.io import safe_load
+from lomar.train.distributed import DistInfo
+from lomar.train.lifecycle import run
+from lomar.train.upscaled_files import UpscaledFiles
+
+
+def test_a_pretraining_counts_each_image_smaller_than_its_crop_once_over_a_resume_and_loader_workers(tmp_path,
+                                                                                                      capsys):
+    data = write_images(tmp_path / "data", 6)  # 40x48: over the 32 px crop
+    for name, (height, width) in (("small-a.png", (20, 16)), ("small-b.png", (30, 24))):
+        Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(data / name)
+    out = tmp_path / "run"
+    line = f"2 images smaller than the 32 px crop upscaled, the smallest 16x20 ({data / 'small-a.png'})"
+    # 8 images in batches of 4: an epoch is 2 steps, each file read once in it
+    assert pretrain("--data", str(data), "--out", str(out), "--max-steps", "2") == 0
+    said = capsys.readouterr()
+    assert f"; {line}" in said.out.rstrip().splitlines()[-1]
+    assert said.err.count("smaller than the 32 px crop: upscaled") == 1  # the first met, at once
+    assert safe_load(out / "last.pt")["upscaled_ranks"][0]["smallest"] == [20, 16, str(data / "small-a.png")]
+    # a second epoch reads them again, in two loader workers: still two files
+    assert pretrain("--data", str(data), "--out", str(out), "--max-steps", "4", "--resume", "auto",
+                    "--workers", "2") == 0
+    assert f"; {line}" in capsys.readouterr().out.rstrip().splitlines()[-1]
+
+
+class Cropped(ToyTask):
+    crop_size = 32
+
+
+def test_the_last_line_counts_what_every_rank_upscaled(tmp_path, capsys, monkeypatch):
+    """Rank 0's last line counts every rank's files, a file two ranks read once (the ranks' files reach rank 0 as the
+    checkpoint gathers them, a collective: here, made up), and names the smallest of all."""
+    a, b = UpscaledFiles(32), UpscaledFiles(32)
+    a.count([("a.png", 20, 30), ("big.png", 32, 40)])
+    b.count([("a.png", 20, 30), ("b.png", 10, 12)])
+    ranks = [*a.gathered(DistInfo()), *b.gathered(DistInfo())]
+    monkeypatch.setattr(UpscaledFiles, "gathered", lambda self, info: ranks)
+    assert run(ToyConfig(out=str(tmp_path), epochs=1), Cropped) == 0
+    done = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert done.endswith(", 2 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
+
+
+def test_a_resume_on_another_count_of_processes_goes_on_from_every_ranks_files():
+    """The first process takes every rank's files from the checkpoint, the others none: the run's count loses none
+    and counts none twice, whatever the new count of processes."""
+    a, b = UpscaledFiles(32), UpscaledFiles(32)
+    a.count([("a.png", 20, 30)])
+    b.count([("b.png", 10, 12), ("a.png", 20, 30)])
+    saved = [*a.gathered(DistInfo()), *b.gathered(DistInfo())]
+    first, second = UpscaledFiles(32), UpscaledFiles(32)
+    first.restore(saved, 0)
+    second.restore(saved, 1)
+    assert len(first.keys) == 2 and first.smallest == (10, 12, "b.png") and not second.keys
+    assert UpscaledFiles.summary([*first.gathered(DistInfo()), *second.gathered(DistInfo())], 32) == (
+        "2 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
