@@ -176,8 +176,10 @@ def _check_files(path: Path, root: Path, images: list[dict], images_flag: str, s
         elif (j := first.setdefault((info.st_dev, info.st_ino), i)) != i:  # c/y.jpg, ./c/y.jpg, a link to it
             shared.append((j, i))
     if missing:
-        raise _fail(path, f"lists {len(missing)} image(s) not found under {root}, e.g. {missing[0]}; pass the folder "
-                          f"holding them as {images_flag}, or fix the file_name entries")
+        fix = (f"pass the folder holding them as {images_flag}, or fix the file_name entries" if len(missing) == len(
+            images) else f"the other {len(images) - len(missing)} are there: add the missing files, or remove their "
+                         f"images and annotations from the file (or pass a folder holding all as {images_flag})")
+        raise _fail(path, f"lists {len(missing)} image(s) not found under {root}, e.g. {missing[0]}; {fix}")
     if shared:
         j, i = shared[0]
         summary.shared, summary.shared_first = len(shared), (
