@@ -118,3 +118,25 @@ def test_a_checkpoint_before_any_scored_epoch_records_no_best_and_its_resume_say
     assert run(ToyConfig(out=str(out), max_steps=3, resume="auto"), ToyTask) == 0
     done = capsys.readouterr().out.splitlines()[-1]
     assert "no best.pt: no full epoch scored a score yet" in done and "resume" not in done
+
+
+def test_a_damaged_best_goes_on_a_rewind_or_is_written_from_the_checkpoint_of_the_best_step(tmp_path, capsys):
+    """A best.pt that cannot be read holds no step the rewind can tell it keeps, and every reader of the folder
+    refuses it (where last.pt would do): it goes with a note, or is written from checkpoint 8 when step 8 is the
+    best, as one of a dropped step."""
+    out = tmp_path / "run"
+    _run_to_12_keeping_8(out, {4: 0.6, 8: 0.5, 12: 0.9})
+    (out / "best.pt").write_bytes((out / "best.pt").read_bytes()[:1000])  # cut short
+    capsys.readouterr()
+    assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0
+    said = capsys.readouterr()
+    assert not (out / "best.pt").exists()
+    assert f"note: removed {out / 'best.pt'} (damaged: it cannot be read), of no step this resume can tell it " \
+           f"keeps; the next evaluation that reaches the best up to step 8 (score 0.6) writes it again" in said.err
+    assert "no best.pt: no evaluation since a resume removed it reached score 0.6" in said.out.splitlines()[-1]
+    best = tmp_path / "best"
+    _run_to_12_keeping_8(best, {4: 0.5, 8: 0.7, 12: 0.9})
+    (best / "best.pt").write_bytes(b"not a checkpoint")
+    assert run(ToyConfig(out=str(best), max_steps=8, resume=str(best / "checkpoint-000008.pt"), overwrite=True),
+               _Scripted) == 0  # to the run's end: nothing to train
+    assert safe_load(best / "best.pt")["step"] == 8 and safe_load(best / "best.pt")["metrics"] == {"score": 0.7}

@@ -4,11 +4,12 @@ the resumed run keeps.
 A resume from ``checkpoint-N.pt`` (a rewind, ``--resume OUT/checkpoint-N.pt --overwrite``, or ``--resume auto``
 after a kill between ``best.pt`` and the checkpoint that follows it) drops the steps after N, and every reader of the
 folder (predict, ``lomar.load_model``, export, ``--pretrained``) takes ``best.pt`` first. A ``best.pt`` of a step
-after N goes. The run carries on from the best score checkpoint N records (the best up to N: :mod:`lifecycle`
-restores it), so the next evaluation that reaches it (a save keeps a tie's) writes ``best.pt`` again. When
-checkpoint N is itself that best (its step scored it), ``best.pt`` is written from it: the same weights, position,
-task state and scores a save at N wrote: :func:`best_state`, which every save of ``best.pt`` (lifecycle's) takes
-too.
+after N goes, as does a damaged one (it cannot be read, so no step it holds is known to be kept, and every reader
+refuses it where ``last.pt`` would do). The run carries on from the best score checkpoint N records (the best up to
+N: :mod:`lifecycle` restores it), so the next evaluation that reaches it (a save keeps a tie's) writes ``best.pt``
+again. When checkpoint N is itself that best (its step scored it), ``best.pt`` is written from it: the same weights,
+position, task state and scores a save at N wrote: :func:`best_state`, which every save of ``best.pt`` (lifecycle's)
+takes too.
 """
 
 from __future__ import annotations
@@ -31,11 +32,20 @@ _RECORD_ONLY = ("step", "epoch", "partial", "epoch_s")  # an evaluation record's
 
 def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | None, eval_log: str) -> None:
     """Main process, run lock held, before the logs are cut back to ``step``: make ``out/best.pt`` one of the steps a
-    resume from ``resume`` (at ``step``) keeps. One of a later step goes, saying so (command ``name``); it is written
-    from ``resume`` when that checkpoint's step scored the best ``metric`` it records (its record in ``eval_log``)."""
+    resume from ``resume`` (at ``step``) keeps. One of a later step, or one that cannot be read, goes, saying so
+    (command ``name``); it is written from ``resume`` when that checkpoint's step scored the best ``metric`` it
+    records (its record in ``eval_log``)."""
     best = out / BEST
-    if not metric or not best.is_file() or (dropped := _step_of(best)) is None or dropped <= step:
-        return  # an unreadable one is no step's: readers refuse it, naming it
+    if not metric or not best.is_file():
+        return
+    try:
+        dropped = _step_of(best)
+    except (OSError, ValueError):  # every reader refuses it, and the resume cannot tell that it keeps its step
+        dropped = "(damaged: it cannot be read), of no step this resume can tell it keeps"
+    else:
+        if dropped is None or dropped <= step:  # None: one that holds no step, left as it is
+            return
+        dropped = f"(step {dropped}), of a step this resume drops"
     ckpt = safe_load(resume, mmap=True) if resume.is_file() else {}  # a sharded run's folder writes no best.pt
     record = evaluation_at(out / eval_log, step) if ckpt.get("evaluated_step") == step else None
     carried = ckpt.get(f"best_{metric}")
@@ -43,8 +53,8 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
     if record is None or record.get(metric) is None or carried is None or not record[metric] >= carried:
         best.unlink()
         kept = f" up to step {step} ({metric_text(metric, carried)})" if carried is not None else ""
-        print(f"lomar {name}: note: removed {best} (step {dropped}), of a step this resume drops; the next "
-              f"evaluation that reaches the best{kept} writes it again", file=sys.stderr, flush=True)
+        print(f"lomar {name}: note: removed {best} {dropped}; the next evaluation that reaches the best{kept} writes "
+              f"it again", file=sys.stderr, flush=True)
         return
     atomic_save(best_state(ckpt, {k: v for k, v in record.items()
                                   if k not in _RECORD_ONLY and not k.startswith("best_")}), best)
@@ -59,10 +69,7 @@ def best_state(checkpoint: dict, metrics: dict) -> dict:
 
 
 def _step_of(path: Path) -> int | None:
-    """The step a ``best.pt`` holds; None when it cannot be read or holds no step."""
-    try:
-        state = safe_load(path, mmap=True)
-    except (OSError, ValueError):
-        return None
+    """The step a ``best.pt`` holds; None when it holds no step. OSError or ValueError where it cannot be read."""
+    state = safe_load(path, mmap=True)
     step = state.get("step") if isinstance(state, dict) else None
     return step if isinstance(step, int) else None
