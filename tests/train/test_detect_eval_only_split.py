@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import yaml
 
-from lomar.checkpoints.kinds import DETECT_FORMAT
+from lomar.checkpoints.kinds import DETECT_FORMAT, SEGMENT_TASK
 from lomar.cli.app import main
 
 
@@ -43,3 +43,11 @@ def test_eval_only_whose_runs_split_is_gone_says_so_and_names_the_flag(tmp_path,
     assert capsys.readouterr().err == (f"lomar detect: error: --eval-only scores {path} on the split its run scored, "
                                        f"{ann}, which is not a file now; pass --val-ann FILE (and --val-images DIR) "
                                        f"of the split to score\n")
+
+
+def test_eval_only_of_another_commands_checkpoint_without_val_ann_names_what_it_is(tmp_path, capsys):
+    path = tmp_path / "seg.pt"  # not a detector: no --val-ann of its run to take
+    torch.save({"task": SEGMENT_TASK, "settings": {}}, path)
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == (f"lomar detect: error: --pretrained {path} is not a `lomar detect` run or "
+                                       f"checkpoint; --eval-only scores a trained detector\n")

@@ -168,13 +168,13 @@ class DetectConfig(TaskConfig):
         check_windows(self)
 
     def check_inputs(self) -> None:
+        if self.eval_only:  # first: a detector's run names the split to score
+            check_eval_only_model(self, self.detector, "detector")
         if not self.val_ann:
             raise ConfigError("pass --val-ann FILE (COCO instances JSON) and --val-images DIR: the split AP is "
                               "scored on")
         if not self.eval_only and not self.train_ann:
             raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
-        if self.eval_only:
-            check_eval_only_model(self, self.detector, "detector")
         if self.eval_only and (Path(self.out) / "predictions.json").exists() and not self.overwrite:
             raise ConfigError(f"{setting_of(self, 'out')} already holds a predictions.json (a run's last "
                               f"evaluation, or an earlier --eval-only); pass another --out, or --overwrite to "
