@@ -11,7 +11,15 @@ from PIL import Image
 from test_pathtable import _copied_by_reading
 
 from lomar.data.collate import Skipped
-from lomar.data.segmentation import IGNORE, MEAN, STD, SegmentationFolder, class_names, collate_segmentation
+from lomar.data.segmentation import (
+    IGNORE,
+    MEAN,
+    STD,
+    SegmentationFolder,
+    class_names,
+    collate_segmentation,
+    read_labels,
+)
 
 
 def _layout(root, image_size, label_size, orientation=1):
@@ -264,3 +272,20 @@ def test_class_names_are_read_from_ades_class_list(tmp_path):
     # ADE's own file holds ids followed by a space ("22 \t"); a row of a digit int() does not read is no class
     (tmp_path / "objectInfo150.txt").write_text("Idx\tName\n1\twall\n2 \tsky\n3\tfloor\n3\u00b2\tbed\n")
     assert class_names(tmp_path, 3) == ["wall", "sky", "floor"]
+
+
+@pytest.mark.parametrize("pixels, mode, said", [
+    ([(0, 0, 0), (255, 0, 0), (0, 255, 0)], "RGB",
+     "is an RGB colour mask of 3 colours ((0, 0, 0), (0, 255, 0), (255, 0, 0)): map each colour to its class id; "),
+    ([(0, 0, 0), (2, 2, 2), (1, 1, 1)], "RGB", "is an RGB image whose channels are equal: a grey mask saved in colour, "
+                                               "its ids in any one channel (Pillow: .convert('L') keeps them); "),
+    ([(0, 255), (1, 255), (1, 255)], "LA", "is an LA image; "),
+])
+def test_an_annotation_in_colour_is_refused_naming_its_colours_or_its_grey(tmp_path, pixels, mode, said):
+    """A colour mask needs its colours mapped to ids, which only its maker knows; a grey one saved as RGB holds them."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.array(pixels, np.uint8).reshape(1, 3, -1), mode).save(path)
+    with pytest.raises(ValueError) as refused:
+        read_labels(path)
+    assert str(refused.value) == (f"annotation {path} {said}write class ids as a single-channel (mode L or P) PNG of "
+                                  f"class ids")

@@ -76,7 +76,7 @@ def read_labels(path: Path) -> np.ndarray:
             raise ValueError(f"annotation {path} is a {image.format} file, whose lossy compression can change class "
                              f"ids along edges; write class ids as a PNG")
         if image.mode not in ("L", "P", "I;16", "I"):
-            raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
+            raise ValueError(f"annotation {path} is {_what_mode(image)}; write class ids as a single-channel "
                              f"(mode L or P) PNG of class ids")
         try:
             labels = np.asarray(image)
@@ -87,6 +87,24 @@ def read_labels(path: Path) -> np.ndarray:
             raise ValueError(f"annotation {path} cannot be read (its pixel data ends before the last rows its header "
                              f"declares); rewrite it as a PNG of class ids")
         return labels
+
+
+def _what_mode(image) -> str:
+    """An annotation of a mode other than class ids, as its refusal names it: a colour mask's colours (each to be
+    mapped to its id), or a grey one saved in colour (any one channel holds the ids)."""
+    article = "an" if image.mode[0] in "AEFHILMNORSX" else "a"  # said letter by letter: "an RGB", "a CMYK"
+    if image.mode not in ("RGB", "RGBA"):
+        return f"{article} {image.mode} image"
+    try:
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    except Exception:  # cut short or broken: the mode alone says what it is
+        return f"{article} {image.mode} image"
+    if (pixels == pixels[:, :1]).all():
+        return (f"{article} {image.mode} image whose channels are equal: a grey mask saved in colour, its ids in any "
+                f"one channel (Pillow: .convert('L') keeps them)")
+    colours = np.unique(pixels, axis=0)
+    shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:4]) + (", ..." if len(colours) > 4 else "")
+    return f"{article} {image.mode} colour mask of {len(colours)} colours ({shown}): map each colour to its class id"
 
 
 def _check_pair(image: Path, annotation: Path) -> tuple[int, int]:
