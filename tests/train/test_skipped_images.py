@@ -135,3 +135,21 @@ def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path
     dataset = build_pretrain_dataset(str(tmp_path), 16)
     (line,) = PretrainTask.skipped(object.__new__(PretrainTask), collate_pretrain([dataset[(0, 0)]]))
     assert line.count("cut.jpg") == 1 and line.startswith(str(tmp_path / "cut.jpg") + " (") and "truncated" in line
+
+
+def test_a_pretraining_runs_image_that_cannot_be_read_is_named_once_with_its_reason(tmp_path, monkeypatch):
+    """The reader's reason (a file over LOMAR_MAX_IMAGE_BYTES) begins 'cannot read PATH:': the warning gives the path
+    once, then the reason without that lead."""
+    import numpy as np
+    from PIL import Image
+
+    from lomar.data.collate import collate_pretrain
+    from lomar.data.folder import build_pretrain_dataset
+    from lomar.train.pretrain import PretrainTask
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_BYTES", "100")
+    dataset = build_pretrain_dataset(str(tmp_path), 16)
+    (line,) = PretrainTask.skipped(object.__new__(PretrainTask), collate_pretrain([dataset[(0, 0)]]))
+    assert line.count("big.png") == 1 and line.startswith(f"{path} (") and "over the limit of 100" in line

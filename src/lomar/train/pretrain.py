@@ -355,9 +355,12 @@ class PretrainTask(Task):
 
 
 def _reason(path: str, why: str) -> str:
-    """``why`` without the decoder's own ``cannot decode image PATH:`` lead, which would name the file a second time."""
-    lead = f"cannot decode image {path}: "
-    return why[len(lead):] if why.startswith(lead) else why
+    """``why`` without the lead that names the file a second time: the decoder's ``cannot decode image PATH:``, or
+    the reader's ``cannot read PATH:`` (a file over the byte limit, a folder or link of an image's name)."""
+    for lead in (f"cannot decode image {path}: ", f"cannot read {path}: "):
+        if why.startswith(lead):
+            return why[len(lead):]
+    return why
 
 
 def train(config: PretrainConfig) -> int:
