@@ -124,7 +124,7 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
         flag = StopFlag(command="pretrain")
         flag.steps.extend(steps)
         flag.save_s, flag.evaluating = save, evaluation is not None
-        flag.works.extend([evaluation] if evaluation else [])  # the intervals of the steps after an evaluation
+        flag.evaluations.extend([evaluation] if evaluation else [])  # the intervals of the steps after an evaluation
         _sent(flag, signal.SIGINT)
         return capfd.readouterr().err
 

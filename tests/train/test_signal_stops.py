@@ -98,6 +98,27 @@ def test_a_ctrl_c_during_the_last_epochs_evaluation_is_answered_with_the_runs_en
     assert said.out.splitlines()[-1].startswith("lomar toy: done at step 12") and (out / "finished").is_file()
 
 
+def test_a_ctrl_c_under_torchrun_in_the_first_evaluation_that_scores_says_it_cannot_tell_yet(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """pretrain's k-NN every few epochs (detect's and segment's evaluation every N steps alike) comes after epoch ends
+    that score nothing, whose intervals time a save and a loader's start-up, not an evaluation: the first evaluation
+    that scores has none before it to go by, as the run's first has none."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+
+    class ScoredEvery2Epochs(ToyTask):
+        def evaluate(self):
+            return super().evaluate() if self.progress.step % 8 == 0 else {}
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), _signalled_in_evaluation(ScoredEvery2Epochs, 8, signal.SIGINT)) == 130
+    said = [line for line in capfd.readouterr().err.splitlines() if "Ctrl-C:" in line]
+    assert len(said) == 1 and "at the end of this evaluation" in said[0]
+    assert "; but torchrun kills its processes 30 s after a Ctrl-C" in said[0]
+    assert "the run's first evaluation (0s so far) and a save take cannot be told yet" in said[0]
+
+
 def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_the_epoch(tmp_path, capsys):
     """--max-steps 4 is epoch 0's last step; a SIGTERM in it came too late to stop anything, yet the run that said
     "done" skipped the epoch's end: its evaluation was logged as epoch 0 (partial), and no best.pt was written. It ends

@@ -278,6 +278,7 @@ class _Run:
                 self.stop.evaluating = True
                 sync_stats(self.task.model)  # every rank scores the model that is saved
                 metrics = self.task.evaluate()
+                self.stop.scored = bool(metrics)  # a Ctrl-C's line under torchrun times the evaluations that score
             except (TrainingError, LomarError) as exc:  # the evaluation's data failed, not the training
                 failure = exc
             finally:

@@ -113,6 +113,7 @@ class StopFlag:
         self.command = command  # the lomar command whose run this is, for the line a Ctrl-C gets at once
         self.ending = False  # set once the training is done: a Ctrl-C then has no step to end, only the run's end
         self.evaluating = False  # set during a run's evaluation, after which a stop signal stops it (not a step later)
+        self.scored = False  # an evaluation scored in the current interval (one that returns nothing scores nothing)
         self.previous: dict = {}
         self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
         started = started if started is not None else take_command_start()
@@ -123,9 +124,12 @@ class StopFlag:
         # limit), and the last save's seconds (before one, estimated: see install). An interval's seconds leave out
         # what torch.compile spent in it (compiled: compile_seconds at its start), a cost paid once: a compiled run's
         # first step (tens of seconds on a CPU) or a recompile (an evaluation's, a new shape's) taken for what the
-        # next step costs would stop the run with most of its limit unused.
+        # next step costs would stop the run with most of its limit unused. Of the work intervals, those that held an
+        # evaluation that scored are kept apart too (evaluations): an epoch's end that scores nothing (pretraining's
+        # between two k-NN scorings) times no evaluation.
         self.steps: deque[float] = deque(maxlen=STEPS_KEPT)
         self.works: deque[float] = deque(maxlen=STEPS_KEPT)
+        self.evaluations: deque[float] = deque(maxlen=STEPS_KEPT)
         self.first_step, self.save_s, self.mark, self.compiled = None, None, None, 0.0
         self.after_work = False
         self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
@@ -177,9 +181,11 @@ class StopFlag:
                 self.first_step = took
             elif self.after_work:
                 self.works.append(took)
+                if self.scored:
+                    self.evaluations.append(took)
             else:
                 self.steps.append(took)
-        self.mark, self.after_work, self.compiled = now, work_ahead, compiled
+        self.mark, self.after_work, self.compiled, self.scored = now, work_ahead, compiled, False
         if self.signal is not None:
             return 2
         if self.deadline is None:
@@ -251,9 +257,9 @@ class StopFlag:
         # evaluation or an epoch's end, the interval since the mark holds that work, done, and the step after it
         so_far = monotonic() - self.mark if self.mark is not None and (self.evaluating or not self.after_work) else 0.0
         step = max(self.steps) if self.steps else self.first_step
-        # an evaluation's time is in the interval of the step after it (works): the longest such, while one runs
-        # (a step over: a run stops right after an evaluation)
-        took = (max(self.works) if self.works else None) if self.evaluating else step
+        # an evaluation's time is in the interval of the step after it: the longest such, while one runs (a step
+        # over: a run stops right after an evaluation)
+        took = (max(self.evaluations) if self.evaluations else None) if self.evaluating else step
         save = self.save_s or 0.0
         if took is None and so_far + save < grace:
             first = "first evaluation" if self.evaluating else "first step"
