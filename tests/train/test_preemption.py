@@ -180,8 +180,8 @@ def test_a_ctrl_c_under_torchrun_in_the_first_step_or_evaluation_says_it_cannot_
     wait = "; but torchrun kills its processes 30 s after a Ctrl-C (its --shutdown-timeout's default)"
     cannot = "cannot be told yet: unless it was launched with a --shutdown-timeout over the time they take, the " \
              "checkpoint may be lost\n"
-    assert said(4.0) == f"{promise.format('step')}{wait}, and how long the run's first step (4s so far) and a save take " \
-                        f"{cannot}"
+    assert said(4.0) == (f"{promise.format('step')}{wait}, and how long the run's first step (4s so far) and a save "
+                         f"take {cannot}")
     assert said(40.0) == f"{promise.format('step')}{wait} and a step and a save take over 40s here: unless it was " \
                          f"launched with a --shutdown-timeout over 41, the checkpoint may be lost\n"
     assert said(2.0, [0.5], evaluation=True) == (
