@@ -22,10 +22,10 @@ __all__ = ["restore"]
 
 
 def restore(trainer, path: Path, ckpt: dict | None, meta: dict | None, task_loaded: bool = False) -> None:
-    """Resume ``trainer`` (lifecycle's ``_Run``) from ``path``: ``ckpt`` its full read (:func:`~lomar.train.divergence.preload`), None for a
-    sharded folder, whose ``meta`` (its meta.pt, as the resume point read it; None: not read) every rank loads with
-    its shards. ``task_loaded``: the Task loaded it while it was built
-    (:func:`~lomar.train.task_resume.load_resumed`)."""
+    """Resume ``trainer`` (lifecycle's ``_Run``) from ``path``: ``ckpt`` its full read
+    (:func:`~lomar.train.divergence.preload`), None for a sharded folder, whose ``meta`` (its meta.pt, as the resume
+    point read it; None: not read) every rank loads with its shards. ``task_loaded``: the Task loaded it while it was
+    built (:func:`~lomar.train.task_resume.load_resumed`)."""
     task, cfg, info, p = trainer.task, trainer.cfg, trainer.info, trainer.p
     if ckpt is None and meta is None:
         meta = safe_load(path / "meta.pt")
