@@ -63,3 +63,18 @@ def test_a_resume_on_another_count_of_processes_goes_on_from_every_ranks_files()
     assert len(first.keys) == 2 and first.smallest == (10, 12, "b.png") and not second.keys
     assert UpscaledFiles.summary([*first.gathered(DistInfo()), *second.gathered(DistInfo())], 32) == (
         "2 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
+
+
+def test_a_finetuning_counts_its_training_images_smaller_than_its_crop(tmp_path, capsys, pretrained):
+    """A copy that refills a batch's unreadable place is no second image read; val's images are not counted."""
+    from finetune_cli import _finetune
+
+    for split, count in (("train", 3), ("val", 1)):
+        for label in ("a", "b"):
+            write_images(tmp_path / "data" / split / label, count, size=(36, 36))
+    small = tmp_path / "data" / "train" / "a" / "small.png"
+    Image.fromarray(np.full((20, 16, 3), 90, np.uint8)).save(small)
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "data" / "val" / "a" / "tiny.png")
+    assert _finetune(pretrained, tmp_path / "data", tmp_path / "ft", "--epochs", "1", "--batch-size", "2") == 0
+    done = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert f"1 image smaller than the 32 px crop upscaled, the smallest 16x20 ({small})" in done

@@ -44,18 +44,20 @@ def split_skipped(batch: list) -> tuple[list, list[Skipped]]:
 
 
 class LabelledBatch(tuple):
-    """``(images, targets)`` that also carries ``bad``: the skipped files (paths or :class:`Skipped` lines).
+    """``(images, targets)`` that also carries ``bad``: the skipped files (paths or :class:`Skipped` lines), and
+    ``sources``: (path, height, width) of each image read whole (classification's items tell it), once each.
     Classification: images (B', 3, S, S), targets (B',); detection and segmentation: their collates'."""
 
     bad: list[str]
+    sources: list[tuple[str, int, int]]
 
-    def __new__(cls, images, targets, bad: list[str]):
+    def __new__(cls, images, targets, bad: list[str], sources: list[tuple[str, int, int]] | None = None):
         batch = super().__new__(cls, (images, targets))
-        batch.bad = bad
+        batch.bad, batch.sources = bad, sources or []
         return batch
 
-    def __reduce__(self):  # loader workers pickle batches: keep ``bad``
-        return LabelledBatch, (self[0], self[1], self.bad)
+    def __reduce__(self):  # loader workers pickle batches: keep ``bad`` and ``sources``
+        return LabelledBatch, (self[0], self[1], self.bad, self.sources)
 
 
 def refilled(good: list, size: int) -> list:
@@ -66,18 +68,20 @@ def refilled(good: list, size: int) -> list:
 
 
 def collate_labelled(batch: list[tuple], refill: bool = False) -> LabelledBatch:
-    """Items ``(image tensor or None, label, path)`` -> :class:`LabelledBatch`.
+    """Items ``(image tensor or None, label, path[, (height, width) or None])`` -> :class:`LabelledBatch`.
 
     Unreadable items are dropped (B' < B, possibly 0), or with ``refill`` replaced (:func:`refilled`).
     """
     good = [item for item in batch if item[0] is not None]
     bad = [item[2] for item in batch if item[0] is None]
+    # before a refill: a copy is no second image read
+    sources = [(item[2], *item[3]) for item in good if len(item) > 3 and item[3] is not None]
     if not good:
         return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
     if refill:
         good = refilled(good, len(batch))
     return LabelledBatch(torch.stack([item[0] for item in good]),
-                         torch.tensor([item[1] for item in good], dtype=torch.long), bad)
+                         torch.tensor([item[1] for item in good], dtype=torch.long), bad, sources)
 
 
 collate_labelled_refill = partial(collate_labelled, refill=True)  # a partial pickles for loader workers

@@ -52,13 +52,15 @@ class DraftCropFolder(Dataset):
         try:
             data = read_image_bytes(path)
             with open_pil(data, path) as img:  # the header only: its size is checked against the pixel limit
-                image = self._crop(img) if img.format in JPEG_FORMATS and img.mode in ("RGB", "L") else None
+                jpeg = img.format in JPEG_FORMATS and img.mode in ("RGB", "L")
+                source = oriented_size(img) if jpeg else None  # before the crop's draft shrinks the image's size
+                image = self._crop(img) if jpeg else None
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError):
             image = None  # the reference path reads the file again, and skips and reports it if it fails there too
         if image is None:
             random.setstate(drawn)  # the reference path draws the same box from where this one started
             return base[index]
-        return self.rest(image), int(base.labels[index]), path
+        return self.rest(image), int(base.labels[index]), path, source
 
     def _crop(self, img: Image.Image) -> Image.Image | None:
         """The crop of the opened photo ``img`` resized to the transform's size; None where a reduced decode gains

@@ -186,7 +186,8 @@ class LabelledImageFolder(Dataset):
     """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
     that survives unreadable images.
 
-    Items: ``(transform(PIL image of load(path)) or None if unreadable, class index, path)``; batch them with
+    Items: ``(transform(PIL image of load(path)) or None if unreadable, class index, path, (height, width) of the
+    image load gave, or None)``; batch them with
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
     and ``targets`` are as in ImageFolder. Raises ValueError naming the root when it holds no
     class folder or no image.
@@ -352,13 +353,14 @@ class LabelledImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple:
         path, label = self.paths.text(index), int(self.labels[index])
         try:
-            image = tensor_to_pil(self.load(path))  # what timm's transforms take
+            pixels = self.load(path)
+            image = tensor_to_pil(pixels)  # what timm's transforms take
         except (ValueError, RuntimeError, OSError) as exc:
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
                 log.warning("skipped an unreadable image: %s", exc)
-            return None, label, path
+            return None, label, path, None
         # Not under the except: a decoded image is no fault of the file, so a transform's error is a bug to see.
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and
         # stopped runs with "fix or remove them" once a tenth of the set had drawn it.
-        return (self.transform(image) if self.transform else image), label, path
+        return (self.transform(image) if self.transform else image), label, path, tuple(pixels.shape[-2:])

@@ -115,6 +115,7 @@ class FinetuneTask(Task):
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
+        self.crop_size = config.img_size  # a training image under it on its shorter side is upscaled: counted
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
         self.source: dict = {}  # --eval-only's classifier: its file and step, which its record names
         if config.eval_only:
@@ -181,6 +182,9 @@ class FinetuneTask(Task):
         return (f"{train} training and {val} validation images{shares}, {len(self.classes)} classes; ViT "
                 f"{self.model.config.embed_dim} wide, {counted(self.model.config.depth, 'block')}, "
                 f"{self.config.img_size} px, {params:.1f}M params")
+
+    def sources(self, batch) -> list[tuple[str, int, int]]:
+        return list(getattr(batch, "sources", ()))
 
     def loss(self, batch) -> torch.Tensor | None:
         if not batch[0].numel():  # every image of the batch was unreadable
