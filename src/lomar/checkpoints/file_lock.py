@@ -35,8 +35,12 @@ __all__ = ["LockHeld", "take_file_lock", "flock_in_place", "holding_file_lock", 
 _TOLD: set[str] = set()
 
 # What a lock file lomar made holds: nothing (made, its holder killed before it wrote, or a full disk), "pid N on
-# HOST", or a bare PID (an older lomar's); anything else is a file of the user's that has the lock's name
-_LOCK_TEXT = re.compile(r"(pid \d+ on \S+|\d+)?")
+# HOST" (the host name as the system gives it, an empty one or one with spaces too), or a bare PID (an older
+# lomar's); anything else is a file of the user's that has the lock's name
+_LOCK_TEXT = re.compile(r"(pid \d+ on( [^\n]*)?|\d+)?")
+# Stripped from its ends first: a line end, and the zeros a filesystem shows of a write that a power loss or a crash
+# of the machine cut off (its size written, its data not), as every lock file written just before it may be
+_LOCK_PADDING = " \t\r\n\x00"
 _LOCK_MOST = 300  # characters: a host name is at most 255
 
 
@@ -151,7 +155,7 @@ def _check_lomars(handle: IO, path: Path) -> None:
     own file of that name, which writing the holder's name would overwrite and an unlock remove."""
     handle.seek(0)
     text = handle.read(_LOCK_MOST + 1) if handle.readable() else ""
-    if len(text) <= _LOCK_MOST and _LOCK_TEXT.fullmatch(text.strip()):
+    if len(text) <= _LOCK_MOST and _LOCK_TEXT.fullmatch(text.strip(_LOCK_PADDING)):
         return
     handle.close()
     first = " ".join(text.split())
