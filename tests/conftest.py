@@ -106,8 +106,10 @@ def dense_runs(tmp_path_factory, digits64) -> tuple[Path, Path, Path, Path]:
 
 
 @pytest.fixture
-def no_cell_figures(monkeypatch):
-    """A pretraining run's reconstruction figure and loss curve not drawn (PretrainTask.figure), for tests of studies
-    whose cells no assertion of theirs reads: ~0.5 s of matplotlib at each start and save, and a time budget's cell
-    saves after every slice. A figure that fails only prints; tests/train/test_run_figures.py checks them."""
+def no_run_figures(monkeypatch):
+    """A pretraining run's reconstruction figure and loss curve not drawn (PretrainTask.figure), for tests that read
+    neither (a study's cells, a refusal, a warning, a recorded setting): matplotlib is most of a tiny run's time (~1 s
+    of each start and save on 2 cores), and a time budget's cell saves after every slice. A figure that fails only
+    prints; tests/train/test_run_figures.py and tests/viz check them. The exact-resume tests draw theirs: drawing one
+    must not change what the run trains on (it reads training images)."""
     monkeypatch.setattr("lomar.train.pretrain.PretrainTask.figure", lambda self, model=None: None)

@@ -38,7 +38,8 @@ def test_beit_pretrains_fits_its_tokenizer_and_resumes_exactly(tmp_path, image_d
     assert (straight / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"  # the token-map figure
 
 
-def test_a_beit_run_started_with_a_relative_out_resumes_from_another_working_folder(tmp_path, image_dir, monkeypatch):
+def test_a_beit_run_started_with_a_relative_out_resumes_from_another_working_folder(tmp_path, image_dir, monkeypatch,
+                                                                                     no_run_figures):
     """The fitted tokenizer's path is recorded absolute: recorded as given (runs/beit/tokenizer.safetensors), it was
     looked for under the working folder of the resume, and --tokenizer given again 'differed' from it."""
     (tmp_path / "first").mkdir()
@@ -50,7 +51,7 @@ def test_a_beit_run_started_with_a_relative_out_resumes_from_another_working_fol
     assert safe_load(tmp_path / "first/runs/beit/last.pt")["step"] == 4
 
 
-def test_beit_warms_up_as_its_code_does(tmp_path, image_dir, capsys):
+def test_beit_warms_up_as_its_code_does(tmp_path, image_dir, capsys, no_run_figures):
     """BEiT's lr reaches its peak at the warm-up's last step (linspace), where MAE's reaches it one step
     later: a 6-step warm-up of a 60-step schedule, stopped after 6 steps, has trained at the peak."""
     out = tmp_path / "run"
@@ -73,7 +74,7 @@ def test_every_method_runs_global_or_windowed(tmp_path, image_dir, method, extra
     assert all(("masked_token_accuracy" in r) == (method == "beit") for r in logged) and len(logged) == 2
 
 
-def test_given_tokenizer_is_used_and_its_vocabulary_sizes_the_head(tmp_path, image_dir):
+def test_given_tokenizer_is_used_and_its_vocabulary_sizes_the_head(tmp_path, image_dir, no_run_figures):
     tok = tmp_path / "tok.safetensors"
     assert main(["tokenizer", "fit", "--data", str(image_dir), "--vocab", "7", "--out", str(tok)]) == 0
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
 
 
-def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_dir, capsys):
+def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_dir, capsys, no_run_figures):
     """The file was read again by path: one replaced since (the same vocabulary, other centroids) silently changed
     the targets of the rest of the run."""
     import pytest

@@ -169,7 +169,8 @@ def test_a_config_from_a_pipe_is_read(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["seed"] == 5
 
 
-def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
+def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch,
+                                                                                         no_run_figures):
     """``--data images`` is recorded absolute: recorded as given, a resume would look for it under its own working
     folder."""
     from helpers import pretrain, write_images

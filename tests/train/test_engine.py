@@ -32,7 +32,7 @@ def test_checkpoint_contents_load_weights_only(tmp_path, image_dir):
     assert {"step", "epoch", "loss", "lr", "img_s"} <= set(record)
 
 
-def test_keep_last_prunes_old_checkpoints(tmp_path, image_dir):
+def test_keep_last_prunes_old_checkpoints(tmp_path, image_dir, no_run_figures):
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
                     "--keep-last", "2") == 0
@@ -177,7 +177,7 @@ def test_knn_every_epoch(tmp_path, image_dir, capsys):
     assert not (tmp_path / "r3").exists()
 
 
-def test_the_knn_loader_workers_leave_a_group_sigterm_to_the_run(tmp_path, image_dir, monkeypatch):
+def test_the_knn_loader_workers_leave_a_group_sigterm_to_the_run(tmp_path, image_dir, monkeypatch, no_run_figures):
     """A scheduler's SIGTERM reaches every process of the group, the k-NN scoring's loader workers too: they
     leave it to the run (which checkpoints at its next step) instead of dying of it, which failed the run."""
     import os

@@ -127,7 +127,7 @@ def test_decay_groups_follow_the_original_rule():
 
 
 
-def test_a_min_lr_above_the_peak_lr_that_blr_gives_is_refused(tmp_path, image_dir, capsys):
+def test_a_min_lr_above_the_peak_lr_that_blr_gives_is_refused(tmp_path, image_dir, capsys, no_run_figures):
     """--min-lr above --lr is refused, but with the lr from --blr (1e-3 x 4 / 256 here) nothing compared them: the
     'cosine' rose from the peak to --min-lr 0.5 and the run diverged (loss 1.9 -> 127 in 6 steps)."""
     i = TINY.index("--lr")

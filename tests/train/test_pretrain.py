@@ -152,7 +152,7 @@ def test_a_resume_reads_its_checkpoint_and_run_folder_once(data, tmp_path, monke
     assert loads == {("last.pt", "mapped"): 1} and listings["checkpoint-*"] == 1
 
 
-def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys):
+def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys, no_run_figures):
     """--data may change on resume, but a sample index then points at another file: one file renamed (one removed,
     one added: the same count) left the resume silent."""
     images, out = tmp_path / "imgs", tmp_path / "run"
@@ -168,7 +168,7 @@ def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(d
                         f"not continue exactly where it stopped"]
 
 
-def test_a_demo_run_resumed_on_data_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys):
+def test_a_demo_run_resumed_on_data_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys, no_run_figures):
     """The demo photographs are a listing too: a demo run resumed with --data trains on other images. Its start under
     --resume auto into a folder of no checkpoint (a mistyped --out looks the same) names the new run and the demo."""
     assert _run("--out", tmp_path, "--max-steps", "1", "--resume", "auto") == 0

@@ -40,7 +40,7 @@ def test_a_lomar_pretraining_run_has_no_drop_path_and_the_recipes_optimizer(pret
     assert decay == {0.0: one_d, 0.05: len(state) - one_d}
 
 
-def test_beit_clips_at_3_with_betas_0_9_0_999_and_lomar_does_not_clip(image_dir, tmp_path, monkeypatch):
+def test_beit_clips_at_3_with_betas_0_9_0_999_and_lomar_does_not_clip(image_dir, tmp_path, monkeypatch, no_run_figures):
     # BEIT_SPEC §4: AdamW (0.9, 0.999), gradient norm clipped to 3.0; SPEC §4: LoMaR never clips
     clipped = []
     original = torch.nn.utils.clip_grad_norm_

@@ -55,7 +55,7 @@ def test_scale_paper_is_refused_where_the_paper_has_no_such_experiment(capsys):
 
 @pytest.mark.slow  # a few tiny ViTs x 1 step each (BEiT fits its k-means tokenizer): ~10-40 s per preset
 @pytest.mark.parametrize("name", ["fig3", "table5", "windows", "mask-ratio", "pos"])
-def test_each_paper_preset_runs_at_small_scale(name, tmp_path, capsys, no_cell_figures):
+def test_each_paper_preset_runs_at_small_scale(name, tmp_path, capsys, no_run_figures):
     out = tmp_path / "study"
     assert main(["study", "--preset", name, "--budget", "1steps", "--out", str(out)]) == 0, capsys.readouterr().err
     records = json.loads((out / "results.json").read_text())["records"]

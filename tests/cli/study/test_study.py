@@ -19,7 +19,7 @@ def _states(out: Path) -> dict:
 
 
 @pytest.mark.slow  # pretrains 5 tiny runs in-process: ~20 s on an idle 2-core machine
-def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled, no_cell_figures):
+def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled, no_run_figures):
     out = tmp_path / "study"
     records = run_study(parse_spec(_spec(labelled)), out, log=lambda line: None)
     data = json.loads((out / "results.json").read_text())
@@ -46,7 +46,7 @@ def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled, no_cel
 
 
 @pytest.mark.slow
-def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch, no_cell_figures):
+def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch, no_run_figures):
     out = tmp_path / "study"
     spec = _spec(labelled, budget="2s", slice="1s", random_init=False, eval={"metrics": ["heldout_loss"]})
     real, calls = runner.pretrain, []
@@ -80,7 +80,7 @@ def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, label
 
 
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
-def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys, no_cell_figures):
+def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys, no_run_figures):
     for split in ("train", "val"):
         for label in ("a", "b"):
             write_images(tmp_path / "data" / split / label, 8)
