@@ -5,6 +5,7 @@ best score checkpoint N records as it was scored (None before any scored epoch).
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import torch
 from toy_run import ToyConfig, ToyTask
@@ -140,3 +141,38 @@ def test_a_damaged_best_goes_on_a_rewind_or_is_written_from_the_checkpoint_of_th
     assert run(ToyConfig(out=str(best), max_steps=8, resume=str(best / "checkpoint-000008.pt"), overwrite=True),
                _Scripted) == 0  # to the run's end: nothing to train
     assert safe_load(best / "best.pt")["step"] == 8 and safe_load(best / "best.pt")["metrics"] == {"score": 0.7}
+
+
+def test_a_checkpoint_holding_0_for_no_score_before_any_evaluation_resumes_as_scoring_none(tmp_path, capsys):
+    # no evaluation ran up to it (evaluated_step -1): a best of 0.0 it holds stands for none scored, not a score of 0
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=2), ToyTask) == 0
+    state = safe_load(out / "last.pt")
+    assert state["evaluated_step"] == -1
+    torch.save({**state, "best_score": 0.0}, out / "last.pt")
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), max_steps=3, resume="auto"), ToyTask) == 0
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert "no best.pt: no full epoch scored a score yet" in done and "resume" not in done
+    assert safe_load(out / "last.pt")["best_score"] is None
+
+
+def test_a_best_the_system_refuses_to_read_is_left_with_a_warning(tmp_path, capsys, monkeypatch):
+    """A best.pt whose read the system refuses (its permissions, an NFS server's error: maybe for a moment) shows no
+    damage: the resume leaves it, saying why it could not tell its step, and removes no file it could not read."""
+    out = tmp_path / "run"
+    _run_to_12_keeping_8(out, {4: 0.6, 8: 0.5, 12: 0.9})
+    kept = (out / "best.pt").read_bytes()
+    load = torch.load
+
+    def refused(path, *args, **kwargs):
+        if Path(path).name == "best.pt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refused)
+    capsys.readouterr()
+    assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0
+    assert f"warning: cannot read {out / 'best.pt'} (Permission denied) to tell its step; left as it is" \
+        in capsys.readouterr().err
+    assert (out / "best.pt").read_bytes() == kept

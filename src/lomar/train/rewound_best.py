@@ -6,10 +6,10 @@ after a kill between ``best.pt`` and the checkpoint that follows it) drops the s
 folder (predict, ``lomar.load_model``, export, ``--pretrained``) takes ``best.pt`` first. A ``best.pt`` of a step
 after N goes, as does a damaged one (it cannot be read, so no step it holds is known to be kept, and every reader
 refuses it where ``last.pt`` would do). The run carries on from the best score checkpoint N records (the best up to
-N: :mod:`lifecycle` restores it), so the next evaluation that reaches it (a save keeps a tie's) writes ``best.pt``
-again. When checkpoint N is itself that best (its step scored it), ``best.pt`` is written from it: the same weights,
-position, task state and scores a save at N wrote: :func:`best_state`, which every save of ``best.pt`` (lifecycle's)
-takes too.
+N, :func:`recorded_best`: :mod:`run_restore` restores it), so the next evaluation that reaches it (a save keeps a
+tie's) writes ``best.pt`` again. When checkpoint N is itself that best (its step scored it), ``best.pt`` is written
+from it: the same weights, position, task state and scores a save at N wrote: :func:`best_state`, which every save of
+``best.pt`` (lifecycle's) takes too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.train.monitor import metric_text
 from lomar.train.run_logs import evaluation_at
 
-__all__ = ["rewind_best", "best_state"]
+__all__ = ["rewind_best", "best_state", "recorded_best"]
 
 # what a training checkpoint holds besides best.pt's model, task state, epoch, step and precision (and best_<metric>)
 _TRAINING_ONLY = ("optimizer", "scaler", "batches_done", "rng", "rng_ranks", "steps_per_epoch", "evaluated_step",
@@ -40,7 +40,11 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
         return
     try:
         dropped = _step_of(best)
-    except (OSError, ValueError):  # every reader refuses it, and the resume cannot tell that it keeps its step
+    except (OSError, ValueError) as exc:  # every reader refuses it, and the resume cannot tell that it keeps its step
+        if (unread := _unread(best, exc)) is not None:  # a read refused, maybe for a moment: no sign of damage
+            print(f"lomar {name}: warning: cannot read {best} ({unread}) to tell its step; left as it is",
+                  file=sys.stderr, flush=True)
+            return
         dropped = "(damaged: it cannot be read), of no step this resume can tell it keeps"
     else:
         if dropped is None or dropped <= step:  # None: one that holds no step, left as it is
@@ -48,7 +52,7 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
         dropped = f"(step {dropped}), of a step this resume drops"
     ckpt = safe_load(resume, mmap=True) if resume.is_file() else {}  # a sharded run's folder writes no best.pt
     record = evaluation_at(out / eval_log, step) if ckpt.get("evaluated_step") == step else None
-    carried = ckpt.get(f"best_{metric}")
+    carried = recorded_best(ckpt, metric)
     # the save's own test (lifecycle's _save_files), a NaN's no best
     if record is None or record.get(metric) is None or carried is None or not record[metric] >= carried:
         best.unlink()
@@ -60,12 +64,37 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
                                   if k not in _RECORD_ONLY and not k.startswith("best_")}), best)
 
 
+def recorded_best(checkpoint: dict, metric: str | None) -> float | None:
+    """The best ``metric`` score a training ``checkpoint`` records up to its step, as it was scored; None where none
+    was: no ``metric``, or no evaluation up to its step (its evaluated_step -1), where a best of 0.0 it may hold
+    stands for none scored."""
+    if not metric or checkpoint.get("evaluated_step") == -1:
+        return None
+    return checkpoint.get(f"best_{metric}")
+
+
 def best_state(checkpoint: dict, metrics: dict) -> dict:
     """What ``best.pt`` holds, from the training checkpoint of its step (``model``, ``optimizer`` and
     :meth:`~lomar.train.lifecycle._Run.meta`'s keys) and that step's evaluation ``metrics``: a save's (lifecycle)
     and a rewind's alike."""
     return {**{k: v for k, v in checkpoint.items() if k not in _TRAINING_ONLY and not k.startswith("best_")},
             "metrics": metrics}
+
+
+def _unread(path: Path, exc: BaseException) -> str | None:
+    """Why ``path`` could not be read, where the system refused the read (permissions, an NFS server's error) in the
+    failed load ``exc`` or in a read of its bytes now; None where they read whole: a file its reader found damaged."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc.strerror or str(exc)
+        exc = exc.__cause__ or exc.__context__
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _step_of(path: Path) -> int | None:

@@ -14,6 +14,7 @@ from lomar.train.divergence import check_weights
 from lomar.train.encoder_settings import rebuilt_encoder_config
 from lomar.train.fsdp import load_sharded
 from lomar.train.process_count import other_processes, other_processes_note
+from lomar.train.rewound_best import recorded_best
 from lomar.train.rng import restore_rng_states
 from lomar.train.run_resume import numerics_notes
 from lomar.train.settings_resume import resumed_past_end
@@ -57,8 +58,8 @@ def restore(trainer, path: Path, ckpt: dict | None, meta: dict | None, task_load
         trainer.notes.append(other_processes_note(other[0], info.world_size, p.step, cfg.batch_size, trainer.accum,
                                                   task.draws_per_process(), getattr(task, "iterable", False),
                                                   task.sharded))
-    best = ckpt.get(f"best_{task.best_metric}") if task.best_metric else None  # None: no evaluation scored yet
-    trainer.best = -math.inf if best is None else best
+    best = recorded_best(ckpt, task.best_metric)
+    trainer.best = -math.inf if best is None else best  # None: no evaluation scored yet
     trainer.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
     trainer.skipped.restore(skipped, info.rank)
     if trainer.upscaled:
