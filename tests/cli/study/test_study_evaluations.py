@@ -172,3 +172,21 @@ def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_
     again = "lomar finetune: warning: not a note\n"
     assert capsys.readouterr().err == ("lomar finetune: note: --train-pos-embed is unused: it acts on an absolute "
                                        "position table (MAE's), and this encoder has none\n" + again + again)
+
+
+@pytest.mark.parametrize("metric", ["knn", "linprobe"])
+def test_a_features_error_at_a_score_is_one_line_naming_the_metric(tmp_path, pretrained, metric):
+    """Data changed after the study's check (a val class folder added): the features' refusal is the study's one
+    line, where naming the command in it raised AttributeError ('Namespace' object has no attribute 'command')."""
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell
+    from lomar.errors import LomarError
+
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "b", "c"))):
+        for label in classes:
+            write_images(tmp_path / split / label, 2)
+    spec = parse_spec(_spec(tmp_path, eval={"metrics": [metric]}))
+    cell = Cell({}, dict(spec.settings), 0)
+    with pytest.raises(LomarError, match=rf"^{metric} of .*: train and val class folders differ: only in .*train: "
+                                         r"none, only in .*val: \['c'\]"):
+        evals.Scorer(spec, cell, pretrained, tmp_path / "cell")(metric)

@@ -63,6 +63,7 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
     options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
     add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
     args = parse_flags(add, argv + settings_flags(options))
+    args.command = metric  # as the command line's parser sets it: frozen_features names it in an error's words
     if metric == "linprobe":
         resolve_linprobe(args)
     return args
