@@ -291,6 +291,21 @@ def test_a_png_whose_pixel_data_ends_rows_early_is_refused_not_filled_black(tmp_
     assert load_image(whole).eq(3).all() and read_labels(whole).shape == (48, 64)
 
 
+def test_a_png_cut_short_with_exif_before_its_pixels_is_named_by_its_file_under_decode_windows(tmp_path):
+    """An eXIf chunk before the pixels is read at open, so the crop's reduced decode is the first to load them: the
+    cut is found there, and named by the file, as load_image names it (not '<bytes>')."""
+    from crafted import png_chunk
+
+    data = _short_grey_png(64, 48, rows=10)
+    short = tmp_path / "short.png"
+    short.write_bytes(data[:33] + png_chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00") + data[33:])
+    masker = get_method("lomar").masker(_OneWindow(), (4, 4))
+    base = ImageListDataset([short], PretrainTransform(32), masker=masker)
+    item = FastPretrainDataset(base, "windows", patch_size=8, window_size=2, num_windows=1)[0]
+    assert item["image"] is None
+    assert item["why"].startswith(f"cannot decode image {short}: its PNG pixel data ends before the last rows")
+
+
 def test_an_interlaced_png_cut_in_its_last_pass_is_refused_though_its_last_row_is_whole():
     # 4x5, Adam7: passes 1-6 fill the even rows, the last one whole; pass 7 (rows 1 and 3) never comes, left zero
     def rows(count: int, pixels: int) -> bytes:

@@ -314,10 +314,12 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     return decode_bytes(read_image_bytes(path), str(path), max_pixels)
 
 
-def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[Image.Image, tuple]:
+def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: int,
+                       name: str = "<bytes>") -> tuple[Image.Image, tuple]:
     """Decode the opened photo ``img`` (header read) at the first JPEG scale of 1/8, 1/4, 1/2 that keeps the crop
     ``box`` (top, left, height, width in upright full-size pixels) >= ``size`` px on each side: the one DCT-scale rule
     of the training crops (pretrain's and finetune's ``--decode draft``). Anything but a JPEG is decoded whole.
+    ValueError naming ``name`` (the file ``img`` was read from) for a JPEG or PNG cut short.
 
     Returns (decoded PIL image, box in its coordinates as floats (left, top, right, bottom)).
     """
@@ -335,9 +337,9 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
         warnings.simplefilter("ignore", UserWarning)
         img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
     if jpeg and hasattr(source, "getvalue") and grey_corner(img) and cut_short(source.getvalue()):
-        raise ValueError(cut_message("<bytes>"))
+        raise ValueError(cut_message(name))
     if opened.format == "PNG" and hasattr(source, "getvalue") and png_cut_short(opened, source.getvalue()):
-        raise ValueError(png_cut_message("<bytes>"))
+        raise ValueError(png_cut_message(name))
     if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
         img = ImageOps.exif_transpose(img)
     sx, sy = img.size[0] / upright_w, img.size[1] / upright_h

@@ -111,11 +111,11 @@ class EncodedPretrainDataset(FastPretrainDataset):
             item["worker_s"] = time.perf_counter() - start
         return item
 
-    def _decode(self, img, data: bytes, draw) -> dict:
+    def _decode(self, img, data: bytes, draw, name: str) -> dict:
         size = self.base.transform.size
         if min(draw.box[2:]) / 2 >= size and self.share.takes():
-            return {"image": draft_decode_crop(img, size, draw), "encoded": None, "drafted": True}
-        return {**super()._decode(img, data, draw), "drafted": False}
+            return {"image": draft_decode_crop(img, size, draw, name), "encoded": None, "drafted": True}
+        return {**super()._decode(img, data, draw, name), "drafted": False}
 
 
 _LISTED = ("image", "encoded", "box", "flip", "drafted", "worker_s")

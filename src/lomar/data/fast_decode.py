@@ -63,10 +63,10 @@ def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
         return oriented_size(img)
 
 
-def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw) -> torch.Tensor:
+def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw, name: str = "<bytes>") -> torch.Tensor:
     """``draw``'s crop of the opened photo ``img`` (header read, not decoded), decoded at reduced size:
-    uint8 (3, size, size), already flipped if ``draw.flip``."""
-    reduced, fbox = decode_box_reduced(img, draw.box, size)
+    uint8 (3, size, size), already flipped if ``draw.flip``; ValueError naming ``name``, its file, for one cut short."""
+    reduced, fbox = decode_box_reduced(img, draw.box, size, name)
     pixels = pil_to_tensor(reduced.resize((size, size), Image.Resampling.BICUBIC, box=fbox))
     return pixels.flip(-1) if draw.flip else pixels
 
@@ -89,11 +89,13 @@ def window_boxes(fbox: tuple[float, float, float, float], size: int, top_left: t
     return boxes
 
 
-def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: int, window_size: int) -> torch.Tensor:
+def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: int, window_size: int,
+                     name: str = "<bytes>") -> torch.Tensor:
     """Only the windows of ``draw.plan`` (``top_left`` (n, 2) in patch units) of ``draw``'s crop of the
-    opened photo ``img``, resampled from a reduced-size decode: uint8 (3, size, size), zeros outside them."""
+    opened photo ``img``, resampled from a reduced-size decode: uint8 (3, size, size), zeros outside them; ValueError
+    naming ``name``, its file, for one cut short."""
     extent = window_size * patch_size
-    reduced, fbox = decode_box_reduced(img, draw.box, size)
+    reduced, fbox = decode_box_reduced(img, draw.box, size, name)
     out = torch.zeros(3, size, size, dtype=torch.uint8)
     for sub, r, c in window_boxes(fbox, size, draw.plan["top_left"] * patch_size, extent, draw.flip):
         patch = pil_to_tensor(reduced.resize((extent, extent), Image.Resampling.BICUBIC, box=sub))
@@ -143,7 +145,7 @@ class FastPretrainDataset(Dataset):
                     return base[key]
                 source = oriented_size(img)
                 draw = draw_sample(base.transform, base.masker, *source, gen)
-                item = self._decode(img, data, draw)
+                item = self._decode(img, data, draw, str(path))
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
             return unreadable_item(path, base.transform.size, str(exc))
         # None: no DCT scale keeps the crop >= S px (small photos), where the reference path is the
@@ -159,16 +161,17 @@ class FastPretrainDataset(Dataset):
                                    and img.mode in ("RGB", "L"))
         return self.sparse or img.format in JPEG_FORMATS
 
-    def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
-        """The item's image fields by this mode; None when the reference path is as fast."""
+    def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw, name: str) -> dict | None:
+        """The item's image fields by this mode (``name``: the file ``data`` was read from); None when the reference
+        path is as fast."""
         size = self.base.transform.size
         if self.mode == "gpu":
             return {"image": None, "encoded": torch.frombuffer(bytearray(data), dtype=torch.uint8),
                     "box": torch.tensor(draw.box), "flip": draw.flip}
         if not self.sparse and min(draw.box[2:]) / 2 < size:
             return None
-        pixels = (resample_windows(img, size, draw, self.patch_size, self.window_size) if self.mode == "windows"
-                  else draft_decode_crop(img, size, draw))
+        pixels = (resample_windows(img, size, draw, self.patch_size, self.window_size, name) if self.mode == "windows"
+                  else draft_decode_crop(img, size, draw, name))
         return {"image": self.base.transform.normalize(pixels)}
 
 
