@@ -79,19 +79,16 @@ class CocoSummary:
 
     def line(self, scored: bool = False) -> str:
         """The start-up line; ``scored``: a validation split's, whose boxes COCOeval scores as the file writes them."""
-        boxes = [(self.crowd, "crowd regions (detections on them not counted)"),
-                 (self.clipped, "boxes reaching outside their image (scored as written)"),
-                 (self.zero_area, "boxes of zero area (scored as written: no detected box matches one, which lowers "
-                                  "box AP)")] if scored else [
-            (self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
-            (self.zero_area, "boxes of zero area skipped")]
-        notes = [*boxes, (self.far, "polygons reaching far outside their image clipped"),
-                 (self.areas, "areas left out of the file taken from the masks"),
-                 (self.boxless, "images without a box left out of training")]
-        shared = [f"{self.shared} images naming a file an earlier image names, e.g. {self.shared_first} (each "
-                  f"trained and scored as a photo of only its own annotations)"] if self.shared else []
-        return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n]
-                         + shared)
+        words = (("crowd regions (detections on them not counted)", "boxes reaching outside their image (scored as "
+                  "written)", "boxes of zero area (scored as written: no detected box matches one, lowering box AP)")
+                 if scored else ("crowd regions (ignored in training)", "boxes clipped to their image",
+                                 "boxes of zero area skipped"))
+        notes = [*zip((self.crowd, self.clipped, self.zero_area), words), (self.far, "polygons reaching far outside "
+                 "their image clipped"), (self.areas, "areas left out of the file taken from the masks"),
+                 (self.boxless, "images without a box left out of training"),
+                 (self.shared, f"images naming a file an earlier image names, e.g. {self.shared_first} (each trained "
+                               f"and scored as a photo of only its own annotations)")]
+        return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
 
 
 @dataclass
