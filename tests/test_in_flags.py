@@ -72,8 +72,9 @@ def test_commands_reading_a_checkpoint_tell_their_user_what_to_type(tmp_path, ca
         capsys.readouterr().err
     for argv, words in [
         (["knn", str(odd), "--data", str(labelled_folder), "--device", "cpu"],
-         "; convert it first: lomar load-original"),
-        ([*finetune, "--pretrained", str(odd)], "; convert it first: lomar load-original"),
+         f"; convert it first: lomar load-original {odd} --num-heads N --to FILE\n"),  # the file, pasteable
+        ([*finetune, "--pretrained", str(odd)], f"; convert it first: lomar load-original {odd} --num-heads N --to "
+                                                 f"FILE\n"),
         ([*finetune, "--pretrained", str(encoder), "--window-size", "2", "--global-blocks", "7"],
          "(--global-blocks takes indices 0..1)"),
         ([*finetune, "--pretrained", str(encoder), "--img-size", "36"],

@@ -151,7 +151,7 @@ def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
     """The encoder's config from its shapes and the sizes its run saved (an original checkpoint's ``args``)."""
     hints = args_dict(src.data, ("config", "vit_config", "args"))
     hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and is_size(v)}
-    return infer_vit_config(src.state, hints, **overrides)
+    return infer_vit_config(src.state, hints, src.path, **overrides)
 
 
 def _unknown_grid(src: Source) -> ValueError:

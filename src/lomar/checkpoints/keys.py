@@ -15,7 +15,7 @@ from lomar.limits import MAX_IMG_SIZE
 from lomar.models.abs_pos import square_side
 from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
 from lomar.models.vit_config import mlp_ratio_of
-from lomar.values import as_sides, is_size
+from lomar.values import as_sides, command_line, is_size
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
@@ -102,12 +102,14 @@ def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
     return merged
 
 
-def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:
+def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, where: object = None,
+                     **overrides) -> ViTConfig:
     """Rebuild an encoder's :class:`ViTConfig` from the shapes of its weights (our key names).
 
     ``overrides`` win; then the shapes (width, depth, patch, MLP ratio, heads from the RPE
     table (1, head_dim, 50)); then ``hints`` (``num_heads``, ``img_size``/``input_size``,
-    ``model`` name); then the standard sizes. Raises ValueError when the heads stay unknown.
+    ``model`` name); then the standard sizes. Raises ValueError when the heads stay unknown, its conversion command
+    naming ``where`` (the checkpoint's path) when given.
     """
     hints = hints or {}
     if "patch_embed.proj.weight" not in state or "blocks.0.mlp.fc1.weight" not in state:
@@ -122,9 +124,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     heads = heads or hints.get("num_heads") or by_name
     heads = heads or {(d, n): h for d, n, h in MODEL_SIZES.values()}.get((dim, depth))
     if not heads:
+        convert = command_line("lomar", "load-original", where or "CKPT", "--num-heads", "N", "--to", "FILE")
         raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; pass "
-                         f"num_heads=... to load_original, or convert it first: lomar load-original CKPT --num-heads N "
-                         f"--to FILE")
+                         f"num_heads=... to load_original, or convert it first: {convert}")
     img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
     if not img_size and "pos_embed" in state:
         side = square_side(state["pos_embed"])

@@ -246,7 +246,7 @@ class OriginalReader(Reader):
 
     def encoder(self, src, overrides):
         _refuse_beit(src.state, src.path)
-        config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
+        config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data), src.path,
                                   num_heads=overrides.get("num_heads"))
         keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
         state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
