@@ -14,7 +14,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
 
-def test_the_start_line_counts_one_image_and_one_window_in_the_singular(tmp_path, capsys, image_dir):
+def test_the_start_line_counts_one_image_and_one_window_in_the_singular(tmp_path, capsys, image_dir, no_run_figures):
     data = tmp_path / "one"
     data.mkdir()
     shutil.copy(next(image_dir.iterdir()), data)
@@ -24,7 +24,7 @@ def test_the_start_line_counts_one_image_and_one_window_in_the_singular(tmp_path
     assert f"; 1 image in {data}; " in (out := capsys.readouterr().out) and ", 1 window of 3x3 patches, " in out, out
 
 
-def test_config_yaml_records_neither_overwrite_nor_resume(tmp_path, capsys, image_dir):
+def test_config_yaml_records_neither_overwrite_nor_resume(tmp_path, capsys, image_dir, no_run_figures):
     """config.yaml recorded the invocation's --overwrite (and --resume): given back as --config to start another
     run, it replaced the run held in that --out without a word."""
     victim, first = tmp_path / "victim", tmp_path / "first"
@@ -41,7 +41,7 @@ def test_config_yaml_records_neither_overwrite_nor_resume(tmp_path, capsys, imag
     assert shown["resume"] == "auto" and shown["overwrite"] is True
 
 
-def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir):
+def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir, no_run_figures):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("method: lomar\n")
@@ -84,7 +84,7 @@ def test_bare_resume_means_auto(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["resume"] == "auto"
 
 
-def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
+def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir, no_run_figures):
     from lomar.train.run_lock import RunLock
 
     out = tmp_path / "run"
@@ -98,7 +98,8 @@ def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
     assert safe_load(out / "last.pt")["step"] == 1
 
 
-def test_a_resume_that_cuts_the_epochs_below_the_warm_up_says_what_it_can_do(tmp_path, capsys, image_dir):
+def test_a_resume_that_cuts_the_epochs_below_the_warm_up_says_what_it_can_do(tmp_path, capsys, image_dir,
+                                                                             no_run_figures):
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "4", "--warmup-epochs", "2",
                     "--max-steps", "1") == 0
@@ -108,7 +109,7 @@ def test_a_resume_that_cuts_the_epochs_below_the_warm_up_says_what_it_can_do(tmp
     assert "a resumed run keeps its warm-up: pass --epochs 2 or more, and --max-steps N to stop sooner" in err
 
 
-def test_resume_never_rewinds_a_folder_with_newer_state(tmp_path, capsys, image_dir):
+def test_resume_never_rewinds_a_folder_with_newer_state(tmp_path, capsys, image_dir, no_run_figures):
     out, branch = tmp_path / "run", tmp_path / "branch"
     # 16 images, batch 4: 4 steps per epoch; checkpoints at steps 4 and 8
     assert pretrain("--data", str(image_dir), "--out", str(out), "--save-every", "1", "--keep-last", "5") == 0
@@ -130,7 +131,7 @@ def test_resume_never_rewinds_a_folder_with_newer_state(tmp_path, capsys, image_
     assert not (out / "checkpoint-000008.pt").exists()
 
 
-def test_resume_auto_without_last_pt_uses_the_newest_intact_checkpoint(tmp_path, capsys, image_dir):
+def test_resume_auto_without_last_pt_uses_the_newest_intact_checkpoint(tmp_path, capsys, image_dir, no_run_figures):
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
                     "--keep-last", "5") == 0
@@ -161,7 +162,7 @@ def _without(flags: list[str], *names: str) -> list[str]:
     return out
 
 
-def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, capsys, image_dir):
+def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, capsys, image_dir, no_run_figures):
     """The recipe's 400 epochs / 40 of warm-up, laid over --max-steps: the lr reaches blr x batch / 256."""
     flags = _without(TINY, "--epochs", "--warmup-epochs", "--lr")
     out = tmp_path / "run"
@@ -174,7 +175,7 @@ def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, 
     assert saved["schedule_steps"] == 10 and saved["epochs"] == 400
 
 
-def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, image_dir):
+def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, image_dir, no_run_figures):
     flags = _without(TINY, "--warmup-epochs", "--lr")
     out = tmp_path / "run"
     assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "2",
@@ -185,7 +186,7 @@ def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, im
     assert "warning" not in printed.out
 
 
-def test_a_warm_up_that_schedule_steps_set_is_not_blamed_on_epochs(tmp_path, capsys, image_dir):
+def test_a_warm_up_that_schedule_steps_set_is_not_blamed_on_epochs(tmp_path, capsys, image_dir, no_run_figures):
     """--schedule-steps 40 (not --epochs) lays this warm-up over 10 steps: the warning told the run to drop --epochs,
     which changes nothing; it names --schedule-steps, and a resumed run (whose schedule is its checkpoint's)
     the --max-steps that finishes the warm-up."""

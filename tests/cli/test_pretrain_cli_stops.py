@@ -79,7 +79,7 @@ def test_a_reader_that_leaves_early_does_not_stop_the_run(tmp_path, image_dir, b
     assert safe_load(out / "last.pt")["step"] == len((out / "metrics.jsonl").read_text().splitlines()) == 8
 
 
-def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys, monkeypatch):
+def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys, monkeypatch, no_run_figures):
     from lomar.train.monitor import Monitor
 
     out = tmp_path / "run"
