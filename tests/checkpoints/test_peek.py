@@ -54,3 +54,21 @@ def test_a_mapped_checkpoint_in_no_format_is_not_read_again_whole(tmp_path, monk
     monkeypatch.setattr(lomar.checkpoints.formats, "safe_load", counted)
     assert peek_encoder(path) is None and not holds_beit(path)
     assert loads == [True, True]  # one mapped read each
+
+
+def test_a_checkpoint_on_a_filesystem_without_mmap_is_read_whole(tmp_path, monkeypatch):
+    """Some network mounts refuse mmap (ENODEV): a zip checkpoint there is read whole, as its full read reads it, not
+    taken for one in no format (a BEiT encoder finetuned with MAE's recipe)."""
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    config = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=16)
+    spec = {"arch": "lomar.models.beit:BEiT", "config": config.to_dict(), "args": {}, "prefix": "beit."}
+    path = tmp_path / "beit.pt"
+    atomic_save({"model": {f"beit.{k}": v for k, v in BEiT(config).state_dict().items()}, "model_spec": spec,
+                 "config": {"method": "beit", "img_size": 32}}, path)
+
+    def no_mmap(filename, *args, **kwargs):
+        raise RuntimeError(f"unable to mmap {filename}: No such device (19)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", no_mmap)
+    assert holds_beit(path) and peek_encoder(path) == ("beit", 8)

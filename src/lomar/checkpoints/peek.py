@@ -4,13 +4,13 @@ command can refuse an encoder it cannot use while checking its settings."""
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats import identify, read
 from lomar.checkpoints.formats_beit import BEiTReader
+from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.reader import Reader, Source
 from lomar.checkpoints.sharded import sharded_outline
 
@@ -22,9 +22,8 @@ _UNREADABLE = (OSError, ValueError, RuntimeError, RecursionError, AttributeError
 
 def _held(path: Path) -> tuple[Reader, Source] | None:
     """The reader and source of what ``path`` holds, reading as little as tells it: a sharded checkpoint's metadata
-    (its tensors on the meta device), a file's tensors mapped (a file in torch's legacy non-zip format, which cannot be
-    mapped, read whole: one in no format is not read twice), an export folder's config.json; None where it cannot be
-    read."""
+    (its tensors on the meta device), a file's tensors mapped (a file torch cannot map read whole: one mapped and in
+    no format is not read again), an export folder's config.json; None where it cannot be read."""
     try:
         path = readable_file(path)  # read as load_pretrained_encoder reads it
         if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
@@ -32,11 +31,21 @@ def _held(path: Path) -> tuple[Reader, Source] | None:
         try:
             return read(path, mmap=True)
         except ValueError:
-            if path.is_dir() or zipfile.is_zipfile(path):  # a zip maps: what failed was not the mapping
+            if path.is_dir() or _maps(path):  # what failed was not the mapping: a whole read tells no more
                 raise
-            return read(path)  # torch's legacy (non-zip) format, which cannot be mapped
+            return read(path)
     except _UNREADABLE:
         return None
+
+
+def _maps(path: Path) -> bool:
+    """Whether torch maps the checkpoint file ``path`` (a mapped load reads its small entries, no tensor): not one in
+    its legacy (non-zip) format, nor one on a filesystem without mmap (some network mounts: ENODEV)."""
+    try:
+        safe_load(path, mmap=True)
+    except ValueError:
+        return False
+    return True
 
 
 def holds_beit(path: str | Path) -> bool:
