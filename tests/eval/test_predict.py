@@ -136,7 +136,8 @@ def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense_runs, mo
                  str(tmp_path / "scored"), *given, *CPU_RUN]) == 0
     assert main(["predict", str(run), str(data / "images" / "validation"), "--out", str(tmp_path / "out"), *given,
                  *CPU_RUN]) == 0  # predict's auto is segment's evaluation's precision, fp32
-    scored = sorted(p for p in (tmp_path / "scored" / "predictions").iterdir() if p.name != WRITTEN)  # its list
+    scored = sorted((tmp_path / "scored" / "predictions").iterdir())  # the PNGs, and the list of them, of each
+    assert WRITTEN in [p.name for p in scored]
     assert [p.name for p in scored] == sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".lock")
     for path in scored:
         assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()

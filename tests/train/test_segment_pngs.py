@@ -62,3 +62,18 @@ def test_a_kill_midway_leaves_what_the_next_evaluation_clears(tmp_path, monkeypa
     (folder / WRITTEN).write_text('{"pngs": ["../outside.png", ".hidden.png", 3, "d.png"]}')
     write_label_maps(folder, [])
     assert _names(folder) == [WRITTEN, "mine.png"] and (tmp_path / "outside.png").exists()
+
+
+def test_a_listed_map_reached_through_a_link_stays(tmp_path):
+    """predict lists PNGs below its DIR (sub/x.png): one that a sub-folder made a link to elsewhere reaches, or a
+    link itself, is the user's, not removed."""
+    folder, theirs = tmp_path / "out", tmp_path / "theirs"
+    write_label_maps(folder, [("sub/x", b"1"), ("y", b"1")])
+    shutil.rmtree(folder / "sub")
+    theirs.mkdir()
+    (theirs / "x.png").write_bytes(b"the user's")
+    (folder / "sub").symlink_to(theirs)
+    (folder / "y.png").unlink()
+    (folder / "y.png").symlink_to(theirs / "x.png")
+    write_label_maps(folder, [])
+    assert (theirs / "x.png").read_bytes() == b"the user's" and (folder / "y.png").is_symlink()

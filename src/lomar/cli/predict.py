@@ -48,8 +48,9 @@ SETTINGS = {
                                                     "evaluates)"),
     "workers": S.WORKERS,
     "threads": S.THREADS,
-    "overwrite": S.OVERWRITE.but(help="replace the prediction files an earlier lomar predict wrote in DIR (other "
-                                      "files there are left alone)"),
+    "overwrite": S.OVERWRITE.but(help="replace the prediction files an earlier lomar predict wrote in DIR, a "
+                                      "segmenter's PNGs of images not predicted this time removed (other files there "
+                                      "are left alone)"),
 }
 
 
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.eval import predict  # torch: not for --help
     from lomar.train.run_lock import RunLock  # torch: not for --help
     from lomar.train.run_state import clear_killed_writes, inside  # torch: not for --help
+    from lomar.train.segment_pngs import WRITTEN  # torch (checkpoints.io): not for --help
 
     # as a training run's --out inside its --data is refused: a later predict of the folder would read its PNGs
     if folder := next((given for given in args.images if Path(given).is_dir() and inside(Path(args.out), Path(given))),
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     targets = ([out / predict.OUTPUTS[trained.kind]] if trained.kind in predict.OUTPUTS
                else _png_paths(out, images))
     with RunLock(out):  # held while it writes: a temporary of its files there is then a killed predict's
-        clear_killed_writes(out, "predict", targets)
+        clear_killed_writes(out, "predict", targets if trained.kind in predict.OUTPUTS else [*targets, out / WRITTEN])
         return _write(args, trained, images, out, targets, device)
 
 
@@ -98,6 +100,7 @@ def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[P
     from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
     from lomar.eval import predict  # torch: not for --help
     from lomar.train.precision import autocast_factory  # torch: not for --help
+    from lomar.train.segment_pngs import begin_label_maps, end_label_maps  # torch (checkpoints.io): not for --help
 
     if not args.overwrite and (there := next((path for path in targets if path.exists()), None)):
         raise UsageError(f"{there} already exists; pass --overwrite to replace it, or another --out")
@@ -110,12 +113,15 @@ def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[P
     autocast = autocast_factory(precision, device)
     if trained.kind == "segmenter":
         mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", _SEGMENT_EVAL_MODE.default)
-        written = 0
+        # listed as lomar's: --overwrite removes an earlier predict's PNGs of images this one does not write
+        before, names = begin_label_maps(out, {path.relative_to(out).as_posix() for path in targets}), set()
         for image, png in predict.segment(trained, images, device, mode, workers, skipped, autocast):
             (path := _png_path(out, image)).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, png)
-            written += 1
+            names.add(path.relative_to(out).as_posix())
         _some_read(images, skipped)
+        end_label_maps(out, before, names, remove=args.overwrite)
+        written = len(names)
         what = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes, {precision})"
         where = out
     elif trained.kind == "classifier":

@@ -1,49 +1,82 @@
-"""An evaluation's label maps in ``OUT/predictions/``: each one's PNG written, and those an earlier evaluation wrote
-for images this one did not score (an ``--eval-only --overwrite`` of another split, an image skipped this time)
-removed, as a user takes every PNG there for the last evaluation's. Which files lomar wrote is told by the folder's
-list (:data:`WRITTEN`), not by their names: the folder may hold a user's own files, PNGs too, which stay."""
+"""Label maps written into a folder that lomar shares with its user: segment's ``OUT/predictions/`` (each evaluation's
+PNGs, replacing the last one's) and a segmenter's ``lomar predict --out DIR`` (``--overwrite``: this predict's PNGs in
+place of an earlier one's). The PNGs an earlier write left of images not written this time are removed, as a user
+takes every PNG there for the last write's. Which files lomar wrote is told by the folder's list (:data:`WRITTEN`),
+not by their names: the folder may hold a user's own files, PNGs too, which stay."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["WRITTEN", "write_label_maps"]
+__all__ = ["WRITTEN", "write_label_maps", "begin_label_maps", "end_label_maps"]
 
-WRITTEN = ".lomar-written.json"  # in the folder: {"pngs": [the names of the label maps lomar wrote there]}
+# in the folder: {"pngs": [the label maps lomar wrote there, each a path below it with '/' between its parts]}
+WRITTEN = ".lomar-written.json"
 
 
 def write_label_maps(folder: Path, pngs: Iterable[tuple[str, bytes]]) -> None:
     """Write each ``(stem, png)`` as ``folder/<stem>.png`` (made if need be) and remove the label maps the folder's
-    list names that this call does not write. The list names every label map there may be of lomar's at any moment
-    (the earlier ones with these before the first write, these alone after the last removal), so a kill midway
-    leaves no PNG of lomar's unlisted, and the next call removes what it does not write again."""
-    folder.mkdir(parents=True, exist_ok=True)
+    list names that this call does not write (:func:`begin_label_maps`, :func:`end_label_maps`)."""
     pngs = list(pngs)
-    now, before = {f"{stem}.png" for stem, _ in pngs}, _written(folder)
-    if not now <= before:
-        _list(folder, before | now)
+    names = {f"{stem}.png" for stem, _ in pngs}
+    before = begin_label_maps(folder, names)
     for stem, data in pngs:
         atomic_write_bytes(folder / f"{stem}.png", data)
-    for name in sorted(before - now):
-        if (path := folder / name).is_file() and not path.is_symlink():  # a link there is the user's
+    end_label_maps(folder, before, names)
+
+
+def begin_label_maps(folder: Path, names: set[str]) -> set[str]:
+    """Before the first of ``names`` (paths below ``folder``, '/' between their parts) is written: list them with
+    those an earlier write listed, which it returns. The list then names every label map there may be of lomar's at
+    any moment (the earlier ones with these, until :func:`end_label_maps`), so a kill midway leaves no PNG of
+    lomar's unlisted, and the next write removes what it does not write again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    before = _written(folder)
+    if not names <= before:
+        _list(folder, before | names)
+    return before
+
+
+def end_label_maps(folder: Path, before: set[str], written: set[str], remove: bool = True) -> None:
+    """After the writes: remove the label maps ``before`` names (:func:`begin_label_maps`) that are not ``written``,
+    and list ``written`` alone; ``remove`` False (predict without --overwrite, adding to the folder): remove none, and
+    list them with ``written``. A link there, or a path through one, is the user's and stays."""
+    if not remove:
+        written = before | written
+    for name in sorted(before - written):
+        if _inside(folder, name) and (path := folder / name).is_file():
             path.unlink(missing_ok=True)
-    if now != before:
-        _list(folder, now)
+    if written != before:
+        _list(folder, written)
 
 
 def _written(folder: Path) -> set[str]:
-    """The label maps ``folder``'s list names (none where it has none, or one lomar cannot read): plain names of
-    PNGs in it, any other entry (a path out of it) left out."""
+    """The label maps ``folder``'s list names (none where it has none, or one lomar cannot read): paths of PNGs
+    below it, any other entry (a path out of it, a hidden one) left out."""
     try:
         names = json.loads((folder / WRITTEN).read_text(encoding="utf-8"))["pngs"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {name for name in names if isinstance(name, str) and name.endswith(".png") and not name.startswith(".")
-            and "/" not in name and "\\" not in name} if isinstance(names, list) else set()
+    return {name for name in names if isinstance(name, str) and _below(name)} if isinstance(names, list) else set()
+
+
+def _below(name: str) -> bool:
+    """Whether ``name`` is what lomar lists: a PNG's path below the folder, none of its parts hidden, '..' or empty."""
+    parts = name.split("/")
+    return name.endswith(".png") and "\\" not in name and all(part and not part.startswith(".") for part in parts) \
+        and not PurePosixPath(name).is_absolute()
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` is reached through no link: a link there, or a sub-folder made a link to elsewhere,
+    is the user's."""
+    path, parent = folder / name, PurePosixPath(name).parent.parts
+    return not path.is_symlink() and os.path.realpath(path.parent) == os.path.join(os.path.realpath(folder), *parent)
 
 
 def _list(folder: Path, names: set[str]) -> None:
