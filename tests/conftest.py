@@ -110,6 +110,6 @@ def no_run_figures(monkeypatch):
     """A pretraining run's reconstruction figure and loss curve not drawn (PretrainTask.figure), for tests that read
     neither (a study's cells, a refusal, a warning, a recorded setting): matplotlib is most of a tiny run's time (~1 s
     of each start and save on 2 cores), and a time budget's cell saves after every slice. A figure that fails only
-    prints; tests/train/test_run_figures.py and tests/viz check them. The exact-resume tests draw theirs: drawing one
-    must not change what the run trains on (it reads training images)."""
+    prints; tests/train/test_run_figures.py and tests/viz check them. tests/train/test_engine_resume.py's resumes of
+    an image folder and of tar shards draw theirs: a figure reads training images, from a shard's stream too."""
     monkeypatch.setattr("lomar.train.pretrain.PretrainTask.figure", lambda self, model=None: None)

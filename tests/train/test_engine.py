@@ -158,7 +158,7 @@ def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, ima
     assert "8 unusable image(s) skipped" in capsys.readouterr().out
 
 
-def test_knn_every_epoch(tmp_path, image_dir, capsys):
+def test_knn_every_epoch(tmp_path, image_dir, capsys, no_run_figures):
     root = tmp_path / "knn"
     for split in ("train", "val"):
         for label in ("a", "b"):

@@ -131,7 +131,8 @@ def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, shard_folders, m
     assert "shard_seed_root" not in safe_load(resumed / "last.pt")  # and its later resumes alike
 
 
-def test_a_folder_run_resumed_on_shards_seeds_them_by_name_under_their_folder(tmp_path, image_dir, image_shard):
+def test_a_folder_run_resumed_on_shards_seeds_them_by_name_under_their_folder(tmp_path, image_dir, image_shard,
+                                                                              no_run_figures):
     """A checkpoint without shard_seed_root is a shard run's saved before it, or a run that read no shards: one of a
     folder, resumed on shards (--data may change), seeded them by path ever after, so moved they trained otherwise."""
     out = str(tmp_path / "run")

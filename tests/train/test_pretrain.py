@@ -79,7 +79,7 @@ def test_what_a_spawned_loader_worker_is_given_pickles_and_loads_the_batches_of_
                for c, o in zip(copies, originals) for k in o)
 
 
-def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
+def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path, no_run_figures):
     # 8 images, batch 2, accum 2: 2 optimizer steps per epoch; stop at 3 = mid-epoch 1.
     one, two = tmp_path / "one", tmp_path / "two"
     args = ("--data", data, "--accum-steps", "2")
@@ -91,7 +91,7 @@ def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
                        safe_load(two / "last.pt")["model"]["head.weight"])
 
 
-def test_resume_auto_alone_continues_with_the_saved_settings(data, tmp_path, capsys):
+def test_resume_auto_alone_continues_with_the_saved_settings(data, tmp_path, capsys, no_run_figures):
     # Non-default data, model and batch size; the resume names only --out and --max-steps.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("--data", data, "--batch-size", "4")
@@ -259,7 +259,7 @@ def test_decode_gpu_on_the_hardware_decoder_trains_as_torchvisions_does(jpegs, t
 
 
 @pytest.mark.parametrize("decode", ["draft", "windows"])
-def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode):
+def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode, no_run_figures):
     full = tmp_path / "full"
     assert _run("--data", jpegs, "--out", full, "--decode", decode, "--max-steps", 6) == 0
     assert _run("--data", jpegs, "--out", tmp_path / "cut", "--decode", decode, "--max-steps", 3) == 0
