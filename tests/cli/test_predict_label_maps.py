@@ -29,6 +29,8 @@ def test_overwrite_leaves_no_label_map_of_an_image_not_predicted_again(tmp_path)
     (out / "sub" / "notes.txt").write_text("the user's")
     assert main([*predict, str(tmp_path / "d.png")]) == 0  # without --overwrite: added to the earlier ones
     assert _pngs(out) == ["a.png", "b.png", "d.png", "mine.png", "sub/c.png"]
+    (out / "..lomar-written.json.tmp-99999-0123456789abcdef").write_text("{")  # a killed predict's list
     assert main([*predict, str(few), "--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(".")) == [".lock", ".lomar-written.json"]
     assert _pngs(out) == ["a.png", "mine.png"]
     assert (out / "mine.png").read_bytes() == b"the user's" and (out / "sub" / "notes.txt").exists()
