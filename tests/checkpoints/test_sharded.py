@@ -91,6 +91,24 @@ def test_truncated_metadata_is_one_clear_error(tmp_path):
         read_sharded(folder)
 
 
+@pytest.mark.parametrize("field, value", [("size", "abc"), ("size", (3, -4)), ("dtype", "float32"), ("chunks", None)])
+def test_a_tensor_record_of_no_tensors_shape_or_dtype_is_one_line_not_a_traceback(tmp_path, field, value):
+    """A record's shape and dtype become a tensor as the folder is read (DCP's planner) and as a command peeks at its
+    encoder (sharded_outline): one that is no tensor's is refused as the metadata's, where torch's TypeError ended
+    the read, and the peek at a command's start, in a traceback."""
+    from lomar.checkpoints.peek import peek_encoder
+
+    folder = _save(tmp_path / "checkpoint-000003.dcp", _state(*_model_and_optimizer()))
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    record = metadata.state_dict_metadata["model.weight"]
+    setattr(record.properties if field == "dtype" else record, field, value)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"metadata \(its record 'model.weight' gives no tensor's shape, dtype and "
+                                         r"chunks\); refusing to load it"):
+        read_sharded(folder)
+    assert peek_encoder(folder) is None
+
+
 def test_a_crafted_non_tensor_entry_is_refused_on_resume(tmp_path):
     model, optimizer = _model_and_optimizer()
     state = _state(model, optimizer)

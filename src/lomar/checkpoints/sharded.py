@@ -106,6 +106,33 @@ def _reach(metadata) -> dict[str, dict[str, int]]:
     return reach
 
 
+def _check_records(metadata) -> None:
+    """ValueError naming the first tensor record of ``metadata`` whose shape, dtype or chunks are no tensor's: DCP's
+    load planner and :func:`sharded_outline` build tensors of them, which a crafted record would end in torch's
+    traceback (a TypeError wrapped in DCP's exception) instead of a refusal."""
+    records = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(records, dict):
+        raise ValueError("it holds no table of records (state_dict_metadata)")
+    for fqn, record in records.items():
+        if not hasattr(record, "size"):  # a non-tensor entry, loaded with weights_only=True (safe_planner)
+            continue
+        shape = _sizes(record.size)
+        chunks = getattr(record, "chunks", None)
+        if not (isinstance(fqn, str) and shape is not None
+                and isinstance(getattr(getattr(record, "properties", None), "dtype", None), torch.dtype)
+                and isinstance(chunks, list) and all(_sizes(getattr(chunk, "offsets", None), len(shape)) is not None
+                                                     and _sizes(getattr(chunk, "sizes", None), len(shape)) is not None
+                                                     for chunk in chunks)):
+            raise ValueError(f"its record {fqn!r} gives no tensor's shape, dtype and chunks")
+
+
+def _sizes(value, rank: int | None = None) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative ints (of ``rank`` of them where given), None where it is not one."""
+    if not isinstance(value, tuple) or (rank is not None and len(value) != rank):
+        return None
+    return value if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) else None
+
+
 def _checked(path: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
     """The bytes of the metadata file ``path`` once they passed :func:`check_metadata`'s unpickler, and its
     :func:`_reach`. A resume checks
@@ -117,7 +144,9 @@ def _checked(path: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-        reach = _reach(_MetadataUnpickler(io.BytesIO(data)).load())
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        _check_records(metadata)
+        reach = _reach(metadata)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
         raise ValueError(f"{path} is not a sharded checkpoint's metadata ({exc}); refusing to load it: "
                          f"pass a checkpoint-NNNNNN.dcp folder written by `lomar pretrain --fsdp`") from None
