@@ -22,7 +22,7 @@ def test_detect_resume_is_exact(tiny, one_val, tmp_path, capsys, few_eval_propos
     (train_ann, train_images), _ = tiny
     val_ann, val_images = one_val  # each run still evaluates, at the epoch's end and at its own
     common = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
-              "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
+              "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64", "--batch-size", "2",
               "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16",
               "--workers", "2", "--threads", "1", "--device", "cpu", "--log-every", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
