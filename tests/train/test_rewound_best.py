@@ -5,7 +5,7 @@ best score checkpoint N records as it was scored (None before any scored epoch).
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from toy_run import ToyConfig, ToyTask
@@ -175,4 +175,18 @@ def test_a_best_the_system_refuses_to_read_is_left_with_a_warning(tmp_path, caps
     assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0
     assert f"warning: cannot read {out / 'best.pt'} (Permission denied) to tell its step; left as it is" \
         in capsys.readouterr().err
+    assert (out / "best.pt").read_bytes() == kept
+
+
+def test_a_whole_best_holding_what_a_weights_only_load_refuses_is_left_with_a_warning(tmp_path, capsys):
+    """A best.pt that torch.save wrote whole (every entry's CRC sound), holding Python objects (a user's own
+    torch.save of a model object) is no damaged file: the resume leaves it, saying why it could not tell its step."""
+    out = tmp_path / "run"
+    _run_to_12_keeping_8(out, {4: 0.6, 8: 0.5, 12: 0.9})
+    torch.save({**safe_load(out / "best.pt"), "saved_from": PurePosixPath("mine")}, out / "best.pt")
+    kept = (out / "best.pt").read_bytes()
+    capsys.readouterr()
+    assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0
+    assert f"warning: cannot read {out / 'best.pt'} (a whole archive that a weights-only load does not read) to " \
+           f"tell its step; left as it is" in capsys.readouterr().err
     assert (out / "best.pt").read_bytes() == kept

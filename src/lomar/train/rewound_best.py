@@ -15,6 +15,8 @@ from it: the same weights, position, task state and scores a save at N wrote: :f
 from __future__ import annotations
 
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST
@@ -41,8 +43,8 @@ def rewind_best(out: Path, step: int, resume: Path, name: str, metric: str | Non
     try:
         dropped = _step_of(best)
     except (OSError, ValueError) as exc:  # every reader refuses it, and the resume cannot tell that it keeps its step
-        if (unread := _unread(best, exc)) is not None:  # a read refused, maybe for a moment: no sign of damage
-            print(f"lomar {name}: warning: cannot read {best} ({unread}) to tell its step; left as it is",
+        if (kept := _undamaged(best, exc)) is not None:  # a read refused, maybe for a moment, or a whole file
+            print(f"lomar {name}: warning: cannot read {best} ({kept}) to tell its step; left as it is",
                   file=sys.stderr, flush=True)
             return
         dropped = "(damaged: it cannot be read), of no step this resume can tell it keeps"
@@ -81,9 +83,11 @@ def best_state(checkpoint: dict, metrics: dict) -> dict:
             "metrics": metrics}
 
 
-def _unread(path: Path, exc: BaseException) -> str | None:
-    """Why ``path`` could not be read, where the system refused the read (permissions, an NFS server's error) in the
-    failed load ``exc`` or in a read of its bytes now; None where they read whole: a file its reader found damaged."""
+def _undamaged(path: Path, exc: BaseException) -> str | None:
+    """Why ``path``, which the load ``exc`` failed to read, shows no damage: the system refused the read
+    (permissions, an NFS server's error) in that load or in a read of its bytes now, or they are a whole archive
+    (torch.save's, every entry's CRC sound) holding what a weights-only load refuses (a user's ``torch.save(model)``).
+    None where the file is damaged: cut short, or bytes that are no archive or fail their CRC."""
     while exc is not None:
         if isinstance(exc, OSError):
             return exc.strerror or str(exc)
@@ -92,8 +96,13 @@ def _unread(path: Path, exc: BaseException) -> str | None:
         with open(path, "rb") as handle:
             while handle.read(1 << 24):
                 pass
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is None:
+                return "a whole archive that a weights-only load does not read"
     except OSError as error:
         return error.strerror or str(error)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError):  # no archive, one cut short, a failed CRC
+        pass
     return None
 
 
