@@ -69,6 +69,12 @@ SUGGESTED = [
      "--out; --out is a flag of lomar pretrain, finetune, detect, segment, predict, compose-digits, visualize, study "
      "and tokenizer fit, not of lomar export; did you mean --to?"),
     (["export", "ck.pt", "--bogus"], "export", "--bogus; the following arguments are required: --to"),
+    # the data flag of the other training commands: detect's data is its COCO files
+    (["detect", "--data", "coco"], "detect", "--data coco; --data is a flag of lomar bench, pretrain, finetune, "
+                                             "segment, linprobe, knn, study and tokenizer fit, not of lomar detect; "
+                                             "did you mean --train-ann?"),
+    (["finetune", "--train-ann", "a.json"], "finetune", "--train-ann a.json; --train-ann is a flag of lomar detect, "
+                                                        "not of lomar finetune; did you mean --data?"),
 ]
 
 

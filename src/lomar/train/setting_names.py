@@ -26,7 +26,7 @@ for _names, _flags in [
     ("resume-from resume-path auto-resume", ("--resume",)),
     ("finetune weights pretrained-path pretrained-weights init-from", ("--pretrained",)),
     ("input-size image-size img resolution crop-size", ("--img-size", "--size")),
-    ("data-path data-dir data-root dataset root", ("--data",)),
+    ("data-path data-dir data-root dataset root", ("--data", "--train-ann")),
     ("nb-classes num-class n-classes", ("--num-classes",)),
     ("gpu gpus cuda", ("--device",)),
     ("grad-accum gradient-accumulation-steps accumulate-grad-batches", ("--accum-steps",)),
