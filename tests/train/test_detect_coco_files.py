@@ -76,7 +76,7 @@ def test_bad_coco_file_is_one_line_naming_it(case, tiny, tmp_path, capsys):
     (_, train_images), (val_ann, val_images) = tiny
     bad = edited_coco(val_ann, tmp_path, change)
     code = main(["detect", "--train-ann", bad, "--train-images", str(train_images), "--val-ann", bad,
-                 "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64",
                  "--max-steps", "1", "--rois-per-image", "16", "--workers", "0",  # a file let through fails fast
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
@@ -162,7 +162,7 @@ def test_a_validation_folder_of_other_images_is_refused_before_training(tiny, tm
             image.resize((image.width // 2, image.height // 2)).save(small / path.name)
     out = tmp_path / "run"
     assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
-                 str(val_ann), "--val-images", str(small), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 str(val_ann), "--val-images", str(small), "--model", "vit_mini_patch16", "--img-size", "64",
                  "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "1", "--rois-per-image", "16",
                  "--workers", "0", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -183,7 +183,7 @@ def test_the_validation_line_says_its_boxes_are_scored_as_written(tiny, tmp_path
         with Image.open(path) as image:
             image.resize((image.width // 2, image.height // 2)).save(small / path.name)
     main(["detect", "--train-ann", str(edited), "--train-images", str(train_images), "--val-ann", str(edited),
-          "--val-images", str(small), "--model", "vit_tiny_patch16", "--img-size", "64", "--workers", "0",
+          "--val-images", str(small), "--model", "vit_mini_patch16", "--img-size", "64", "--workers", "0",
           "--out", str(tmp_path / "run")])
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith(f"lomar detect: val {edited}: "))
     assert "1 boxes reaching outside their image (scored as written)" in line

@@ -84,7 +84,7 @@ def test_too_many_unusable_training_images_stop_the_run_in_one_line(tiny, tmp_pa
     truncated = sorted(folder.glob("*.png"))[0]
     truncated.write_bytes(truncated.read_bytes()[:200])
     code = main(["detect", "--train-ann", str(train_ann), "--train-images", str(folder), "--val-ann", str(val_ann),
-                 "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64",
                  "--batch-size", "2", "--max-steps", "3", "--rois-per-image", "16", "--workers", "0",
                  "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from lomar.models.vit import model_config
 def test_bad_settings_are_one_line(args, expected, tiny, tmp_path, capsys):
     (train_ann, train_images), (val_ann, val_images) = tiny
     base = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
-            "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+            "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64",
             "--out", str(tmp_path / "run")]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
@@ -32,7 +32,7 @@ def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_fo
     (train_ann, train_images), (val_ann, val_images) = tiny
     out = tmp_path / "run"
     assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
-                 str(val_ann), "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 str(val_ann), "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64",
                  "--rel-pos", "decomposed", "--device", "cpu", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("lomar detect: error: --rel-pos decomposed: --rel-pos 'decomposed' is for encoders without iRPE "

@@ -26,7 +26,7 @@ def _started(tiny, tmp_path, monkeypatch, capsys, change) -> str:
     monkeypatch.setattr(detect, "detection_dataset", built)
     with pytest.raises(_Built):
         main(["detect", "--train-ann", train, "--train-images", str(train_images), "--val-ann", str(val_ann),
-              "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--device", "cpu",
+              "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64", "--device", "cpu",
               "--workers", "0", "--out", str(tmp_path / "run")])
     return capsys.readouterr().err
 
