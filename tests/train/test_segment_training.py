@@ -23,7 +23,7 @@ from lomar.train.segment_config import SegmentConfig
 
 def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_up_is_said(digits, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "1", "--eval-every", "50",
+    assert _segment(digits, out, "--model", "vit_mini_patch16", "--max-steps", "1", "--eval-every", "50",
                     "--aux-weight", "0", "--warmup-steps", "1500") == 0
     # mmseg's 1500 warm-up steps in a 1-step run: cut to the run, which never reaches its lr; said once, at the start
     err = capsys.readouterr().err
@@ -35,7 +35,7 @@ def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_
 def test_clip_grad_clips_the_gradient(digits, tmp_path):
     # --clip-grad: a diverging segmentation run's other fix besides a lower --lr
     out = tmp_path / "run"
-    norms = applied_grad_norms(lambda: _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "2",
+    norms = applied_grad_norms(lambda: _segment(digits, out, "--model", "vit_mini_patch16", "--max-steps", "2",
                                                 "--eval-every", "50", "--eval-mode", "whole", "--clip-grad", "0.001"))
     assert norms == pytest.approx([0.001, 0.001], rel=1e-3)
     assert yaml.safe_load((out / "config.yaml").read_text())["clip_grad"] == 0.001
@@ -88,10 +88,10 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
 
 
 def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
-    common = ("--model", "vit_tiny_patch16", "--schedule-steps", "4", "--eval-mode", "slide", "--drop-path", "0.1")
+    common = ("--model", "vit_mini_patch16", "--schedule-steps", "4", "--eval-mode", "slide", "--drop-path", "0.1")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _segment(digits, straight, *common, "--max-steps", "4") == 0
-    assert "random init vit_tiny_patch16" in capsys.readouterr().out
+    assert "random init vit_mini_patch16" in capsys.readouterr().out
     assert safe_load(straight / "last.pt")["settings"]["rel_pos"] == "none"  # LoMaR's encoder keeps its iRPE only
     assert _segment(digits, split, *common, "--max-steps", "2") == 0
     capsys.readouterr()
@@ -118,7 +118,7 @@ def test_binary_masks_with_zero_label_class_train_and_score_the_background(digit
     for label in (data / "annotations").rglob("*.png"):  # 0 background, 1 any digit
         Image.fromarray((np.asarray(Image.open(label)) > 0).astype(np.uint8)).save(label)
     out = tmp_path / "run"
-    assert _segment(data, out, "--num-classes", "2", "--zero-label", "class", "--model", "vit_tiny_patch16",
+    assert _segment(data, out, "--num-classes", "2", "--zero-label", "class", "--model", "vit_mini_patch16",
                     "--max-steps", "1", "--schedule-steps", "2", "--eval-every", "50", "--eval-mode", "whole") == 0, \
         capsys.readouterr().err
     resume = ["segment", "--out", str(out), "--resume", "auto", "--workers", "0", "--threads", "1"]
@@ -160,7 +160,7 @@ def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_pa
     ranks = as_torchrun(["segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
                          "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3",
                          "--workers", "0", "--threads", "1", "--device", "cpu", "--log-every", "1", "--max-steps", "2",
-                         "--eval-mode", "whole", "--model", "vit_tiny_patch16", "--out", str(out)], 2, tmp_path,
+                         "--eval-mode", "whole", "--model", "vit_mini_patch16", "--out", str(out)], 2, tmp_path,
                         timeout=300)
     log = "".join(printed + said for _, printed, said in ranks)
     assert [code for code, _, _ in ranks] == [0, 0], log[-3000:]
@@ -239,7 +239,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_0(digits, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lomar", "segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
            "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--epochs", "1000", "--workers", "1",
-           "--threads", "1", "--device", "cpu", "--log-every", "1", "--model", "vit_tiny_patch16", "--out", str(out)]
+           "--threads", "1", "--device", "cpu", "--log-every", "1", "--model", "vit_mini_patch16", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     metrics, deadline = out / "metrics.jsonl", time.time() + 600
