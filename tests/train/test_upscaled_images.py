@@ -4,6 +4,8 @@ loader workers, every process) and said in the run's last line, the first one me
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from PIL import Image
 from toy_run import ToyConfig, ToyTask
 
@@ -26,7 +28,7 @@ def test_a_pretraining_counts_each_image_smaller_than_its_crop_once_over_a_resum
     said = capsys.readouterr()
     assert f"; {line}" in said.out.rstrip().splitlines()[-1]
     assert said.err.count("smaller than the 32 px crop: upscaled") == 1  # the first met, at once
-    assert safe_load(out / "last.pt")["upscaled_ranks"][0]["smallest"] == [20, 16, str(data / "small-a.png")]
+    assert safe_load(out / "last.pt")["upscaled"]["smallest"] == [20, 16, str(data / "small-a.png")]
     # a second epoch reads them again, in two loader workers: still two files
     assert pretrain("--data", str(data), "--out", str(out), "--max-steps", "4", "--resume", "auto",
                     "--workers", "2") == 0
@@ -36,33 +38,54 @@ def test_a_pretraining_counts_each_image_smaller_than_its_crop_once_over_a_resum
 class Cropped(ToyTask):
     crop_size = 32
 
+    def sources(self, batch):
+        return [("a.png", 20, 30), ("big.png", 32, 40)]
+
+
+def _two_ranks(monkeypatch, other: list[tuple[str, int, int]]) -> None:
+    """A gather under DDP of two processes, the second having read ``other`` (a collective: here, made up)."""
+    second = UpscaledFiles(32)
+    second.count(other)
+    mine = {"keys": torch.tensor(sorted(second.keys), dtype=torch.int64), "smallest": second.smallest}
+    monkeypatch.setattr(dist, "all_gather_object", lambda ranks, obj: ranks.__setitem__(slice(None), [obj, mine]))
+
 
 def test_the_last_line_counts_what_every_rank_upscaled(tmp_path, capsys, monkeypatch):
-    """Rank 0's last line counts every rank's files, a file two ranks read once (the ranks' files reach rank 0 as the
-    checkpoint gathers them, a collective: here, made up), and names the smallest of all."""
-    a, b = UpscaledFiles(32), UpscaledFiles(32)
-    a.count([("a.png", 20, 30), ("big.png", 32, 40)])
-    b.count([("a.png", 20, 30), ("b.png", 10, 12)])
-    ranks = [*a.gathered(DistInfo()), *b.gathered(DistInfo())]
-    monkeypatch.setattr(UpscaledFiles, "gathered", lambda self, info: ranks)
+    """Rank 0's last line counts every rank's files, a file two ranks read once, and names the smallest of all."""
+    _two_ranks(monkeypatch, [("a.png", 20, 30), ("b.png", 10, 12)])
+    real = UpscaledFiles.gathered
+    monkeypatch.setattr(UpscaledFiles, "gathered", lambda self, info: real(self, DistInfo(0, 2)))
     assert run(ToyConfig(out=str(tmp_path), epochs=1), Cropped) == 0
     done = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert done.endswith(", 2 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
 
 
+def test_a_checkpoint_holds_each_upscaled_file_once_however_many_processes_read_it(monkeypatch):
+    """Over a long run every process reads most files: a checkpoint holding each process's would grow with their
+    count (and a list of ints is slow to save and load: tens of seconds at ImageNet's size)."""
+    _two_ranks(monkeypatch, [("a.png", 20, 30), ("b.png", 10, 12)])
+    first = UpscaledFiles(32)
+    first.count([("a.png", 20, 30), ("c.png", 8, 30)])
+    saved = first.gathered(DistInfo(0, 2))
+    assert isinstance(saved["keys"], torch.Tensor) and len(saved["keys"]) == 3 and saved["smallest"] == [8, 30, "c.png"]
+    first.count([("a.png", 20, 30)])  # read again in the next epoch: no second entry
+    assert len(first.gathered(DistInfo())["keys"]) == 3
+
+
 def test_a_resume_on_another_count_of_processes_goes_on_from_every_ranks_files():
-    """The first process takes every rank's files from the checkpoint, the others none: the run's count loses none
-    and counts none twice, whatever the new count of processes."""
-    a, b = UpscaledFiles(32), UpscaledFiles(32)
-    a.count([("a.png", 20, 30)])
-    b.count([("b.png", 10, 12), ("a.png", 20, 30)])
-    saved = [*a.gathered(DistInfo()), *b.gathered(DistInfo())]
-    first, second = UpscaledFiles(32), UpscaledFiles(32)
-    first.restore(saved, 0)
-    second.restore(saved, 1)
-    assert len(first.keys) == 2 and first.smallest == (10, 12, "b.png") and not second.keys
-    assert UpscaledFiles.summary([*first.gathered(DistInfo()), *second.gathered(DistInfo())], 32) == (
-        "2 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
+    """Every process takes the checkpoint's files: the run's count loses none and counts none twice, whatever the new
+    count of processes."""
+    a = UpscaledFiles(32)
+    a.count([("a.png", 20, 30), ("b.png", 10, 12)])
+    saved = a.gathered(DistInfo())
+    first, second = UpscaledFiles(32, say=True), UpscaledFiles(32)
+    first.restore(saved)
+    second.restore(saved)
+    first.count([("a.png", 20, 30), ("c.png", 12, 12)])
+    assert first.warned and UpscaledFiles.summary(first.gathered(DistInfo()), 32) == (
+        "3 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
+    assert UpscaledFiles.summary(second.gathered(DistInfo()), 32).startswith("2 images")
+    assert UpscaledFiles.summary(None, 32) == ""
 
 
 def test_a_finetuning_counts_its_training_images_smaller_than_its_crop(tmp_path, capsys, pretrained):

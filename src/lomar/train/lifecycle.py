@@ -83,7 +83,7 @@ class _Run:
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.upscaled = UpscaledFiles(task.crop_size, say=info.is_main) if task.crop_size else None
-        self.upscales: list[dict] = []
+        self.upscales: dict | None = None  # every process's, as the last save gathered them
         self.last_step = last_step(config, self.steps_per_epoch)
         if overrun := config_overrun(config, self.steps_per_epoch, info.world_size, task.lr_schedule):
             raise ValueError(overrun)
@@ -95,7 +95,7 @@ class _Run:
                 "epoch": self.p.epoch, "batches_done": self.p.batches_done, "rng": self.rngs[0], "rng_ranks": self.rngs,
                 "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
                 "evaluated_step": self.evaluated_step, "skipped_ranks": self.skips,  # files skipped: a resume counts on
-                "upscaled_ranks": self.upscales,  # and files upscaled
+                "upscaled": self.upscales,  # and files upscaled
                 **self.task.state(), **({f"best_{m}": self.best if self.best > -math.inf else None}  # None: unscored
                                         if (m := self.task.best_metric) else {})}
 
@@ -105,7 +105,7 @@ class _Run:
         with self.stop.saving():  # the time limit's margin keeps the last save's seconds for the final one
             check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
             self.rngs, self.skips = gather_rng_states(self.info, self.device), self.skipped.gathered(self.info)
-            self.upscales = self.upscaled.gathered(self.info) if self.upscaled else []
+            self.upscales = self.upscaled.gathered(self.info) if self.upscaled else None
             keep = getattr(self.cfg, "keep_last", None)
             if self.task.sharded:  # collective
                 path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)

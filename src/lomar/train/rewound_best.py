@@ -28,7 +28,7 @@ __all__ = ["rewind_best", "best_state", "recorded_best"]
 
 # what a training checkpoint holds besides best.pt's model, task state, epoch, step and precision (and best_<metric>)
 _TRAINING_ONLY = ("optimizer", "scaler", "batches_done", "rng", "rng_ranks", "steps_per_epoch", "evaluated_step",
-                  "skipped_ranks", "upscaled_ranks")
+                  "skipped_ranks", "upscaled")
 _RECORD_ONLY = ("step", "epoch", "partial", "epoch_s")  # an evaluation record's keys besides its metrics
 
 

@@ -63,7 +63,7 @@ def restore(trainer, path: Path, ckpt: dict | None, meta: dict | None, task_load
     trainer.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
     trainer.skipped.restore(skipped, info.rank)
     if trainer.upscaled:
-        trainer.upscaled.restore(ckpt.get("upscaled_ranks"), info.rank)
+        trainer.upscaled.restore(ckpt.get("upscaled"))
     restore_rng_states(ckpt, info, trainer.device, cfg.seed)  # last: building the run drew from them
     if p.step > trainer.last_step:  # run_end could not tell: an old checkpoint, or data of shorter epochs
         raise ValueError(resumed_past_end(p.step, trainer.last_step, cfg, trainer.steps_per_epoch))
