@@ -65,7 +65,8 @@ def test_bad_window_settings_are_one_line(tmp_path, capsys, pretrained, folder, 
     assert message in err and err.count("\n") == 1, err
 
 
-def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_path, image_dir, folder, monkeypatch):
+def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_path, image_dir, folder, monkeypatch,
+                                                                            no_run_figures):
     """MAE pretrains with a fixed sin-cos table; its finetuning (timm's ViT) trains the loaded table, at
     layer 0's lr scale and without weight decay."""
     from helpers import pretrain
@@ -103,7 +104,8 @@ def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_p
     torch.testing.assert_close(built[0][0].pos_embed.detach(), wider.pos_embed.detach(), rtol=0, atol=0)
 
 
-def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp_path, image_dir, folder):
+def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp_path, image_dir, folder,
+                                                                             no_run_figures):
     """A run of the previous version (no train_pos_embed setting, the table outside the optimizer) resumes."""
     from helpers import pretrain
 

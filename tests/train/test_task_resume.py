@@ -173,7 +173,7 @@ def test_a_rebuilt_resume_takes_its_encoder_by_another_path_or_moved_along_with_
 
 
 def test_a_beit_finetune_resumes_without_the_pretraining_checkpoint_it_started_from(labelled_folder, tmp_path,
-                                                                                     capsys):
+                                                                                     capsys, no_run_figures):
     # its checkpoint's model spec is timm's Beit as the run built it (BEiTClassifier); one saved before it kept that
     # classifier's BEiTConfig, head and pooling, which rebuild it alike
     images = write_images(tmp_path / "flat", 8)
