@@ -69,7 +69,7 @@ def test_draft_crops_are_the_full_paths_boxes_decoded_at_a_dct_scale(photos, mon
         for i, name in enumerate(names):
             a, b = s_full[(i, epoch)], s_draft[(i, epoch)]
             assert spy.states[-1][0] == spy.states[-2][0] and torch.equal(spy.states[-1][1], spy.states[-2][1])
-            assert a[1:] == b[1:], name
+            assert a[1:] == b[1:] and a.source == b.source, name
             if name in ("side.jpg", "wide.jpg"):
                 diff = (_levels(a[0]) - _levels(b[0])).abs()
                 assert float(diff.mean()) < 2.0 and float(diff.max()) < 48, (name, epoch)

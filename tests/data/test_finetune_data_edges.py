@@ -24,8 +24,8 @@ def test_a_failing_transform_is_raised_not_counted_as_an_unreadable_image(tmp_pa
     dataset = LabelledImageFolder(_folder(tmp_path), failing)
     with pytest.raises(ValueError, match="bits must be"):
         dataset[0]
-    image, label, path, source = dataset[2]  # an unreadable file is still skipped, not raised
-    assert image is None and path.endswith("broken.png") and label == 1 and source is None
+    image, label, path = dataset[2]  # an unreadable file is still skipped, not raised
+    assert image is None and path.endswith("broken.png") and label == 1 and dataset[2].source is None
 
 
 def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path):

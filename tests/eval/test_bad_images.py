@@ -116,7 +116,7 @@ def test_finetune_steps_over_a_batch_without_one_readable_image(setup, tmp_path,
 
     def second_batch_unreadable(items):
         calls.append(1)
-        return real([(None, label, path, None) for _, label, path, _ in items] if len(calls) == 2 else items)
+        return real([(None, label, path) for _, label, path in items] if len(calls) == 2 else items)
 
     monkeypatch.setattr(finetune, "collate_labelled_refill", second_batch_unreadable)
     monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # a whole batch is the point

@@ -15,8 +15,8 @@ import torch
 
 from lomar.errors import exception_line
 
-__all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
-           "Skipped", "split_skipped", "BadDataTracker", "UNREADABLE_LIMIT"]
+__all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledItem",
+           "LabelledBatch", "Skipped", "split_skipped", "BadDataTracker", "UNREADABLE_LIMIT"]
 
 log = logging.getLogger("lomar.data")
 
@@ -41,6 +41,22 @@ def split_skipped(batch: list) -> tuple[list, list[Skipped]]:
     """(the usable items of ``batch``, its :class:`Skipped` ones), each in order."""
     skipped = [item for item in batch if isinstance(item, Skipped)]
     return [item for item in batch if not isinstance(item, Skipped)], skipped
+
+
+class LabelledItem(tuple):
+    """A class-folder item ``(image or None, label, path)`` that also carries ``source``: the (height, width) of the
+    whole image read, None where unreadable. Three elements, as such items always had: code unpacking them goes on
+    working, where a fourth element would make it fail."""
+
+    source: tuple[int, int] | None
+
+    def __new__(cls, image, label: int, path: str, source: tuple[int, int] | None = None):
+        item = super().__new__(cls, (image, label, path))
+        item.source = source
+        return item
+
+    def __reduce__(self):  # a loader without batching pickles items from its workers: keep ``source``
+        return LabelledItem, (*self, self.source)
 
 
 class LabelledBatch(tuple):
@@ -68,14 +84,14 @@ def refilled(good: list, size: int) -> list:
 
 
 def collate_labelled(batch: list[tuple], refill: bool = False) -> LabelledBatch:
-    """Items ``(image tensor or None, label, path[, (height, width) or None])`` -> :class:`LabelledBatch`.
+    """Items ``(image tensor or None, label, path)`` (a :class:`LabelledItem` tells its size) -> :class:`LabelledBatch`.
 
     Unreadable items are dropped (B' < B, possibly 0), or with ``refill`` replaced (:func:`refilled`).
     """
     good = [item for item in batch if item[0] is not None]
     bad = [item[2] for item in batch if item[0] is None]
     # before a refill: a copy is no second image read
-    sources = [(item[2], *item[3]) for item in good if len(item) > 3 and item[3] is not None]
+    sources = [(item[2], *source) for item in good if (source := getattr(item, "source", None)) is not None]
     if not good:
         return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
     if refill:

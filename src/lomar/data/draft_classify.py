@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
 
+from lomar.data.collate import LabelledItem
 from lomar.data.decode import JPEG_FORMATS, decode_box_reduced, open_pil, oriented_size, read_image_bytes
 from lomar.data.folder import LabelledImageFolder
 
@@ -60,7 +61,7 @@ class DraftCropFolder(Dataset):
         if image is None:
             random.setstate(drawn)  # the reference path draws the same box from where this one started
             return base[index]
-        return self.rest(image), int(base.labels[index]), path, source
+        return LabelledItem(self.rest(image), int(base.labels[index]), path, source)
 
     def _crop(self, img: Image.Image) -> Image.Image | None:
         """The crop of the opened photo ``img`` resized to the transform's size; None where a reduced decode gains

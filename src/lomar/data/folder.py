@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lomar.data.class_names import classes_only_in, unicode_forms_note
 from lomar.data.class_roots import not_a_class_root
+from lomar.data.collate import LabelledItem
 from lomar.data.decode import load_image, tensor_to_pil
 from lomar.data.demo_images import demo_image_paths
 from lomar.data.image_names import (
@@ -186,8 +187,8 @@ class LabelledImageFolder(Dataset):
     """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
     that survives unreadable images.
 
-    Items: ``(transform(PIL image of load(path)) or None if unreadable, class index, path, (height, width) of the
-    image load gave, or None)``; batch them with
+    Items: ``(transform(PIL image of load(path)) or None if unreadable, class index, path)``, each a
+    :class:`lomar.data.collate.LabelledItem` whose ``source`` is the (height, width) load gave; batch them with
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
     and ``targets`` are as in ImageFolder. Raises ValueError naming the root when it holds no
     class folder or no image.
@@ -359,8 +360,8 @@ class LabelledImageFolder(Dataset):
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
                 log.warning("skipped an unreadable image: %s", exc)
-            return None, label, path, None
+            return LabelledItem(None, label, path)
         # Not under the except: a decoded image is no fault of the file, so a transform's error is a bug to see.
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and
         # stopped runs with "fix or remove them" once a tenth of the set had drawn it.
-        return (self.transform(image) if self.transform else image), label, path, tuple(pixels.shape[-2:])
+        return LabelledItem(self.transform(image) if self.transform else image, label, path, tuple(pixels.shape[-2:]))
