@@ -108,6 +108,34 @@ def test_a_failing_pair_keeps_the_pairs_that_passed(tmp_path, decodes):
     assert decodes == ["b.png"]
 
 
+def test_every_bad_pair_of_a_split_is_refused_in_one_error_naming_each(tmp_path, decodes):
+    """One run finds them all: the first three's reasons in full, the others' images with the count; the good pair
+    is kept, so that the next build decodes only the pairs that were bad."""
+    for kind in ("images", "annotations"):
+        (tmp_path / kind / "training").mkdir(parents=True)
+    stems = ("a", "b", "c", "d", "e", "f")
+    for stem in stems:
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / f"{stem}.jpg")
+        _annotation(tmp_path / "annotations" / "training" / f"{stem}.png", 1)
+    labels = tmp_path / "annotations" / "training"
+    Image.fromarray(np.ones((8, 16), dtype=np.uint8)).save(labels / "b.png")  # another size than its image
+    (labels / "c.png").write_bytes(b"not a png")
+    for stem in ("d", "e", "f"):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(labels / f"{stem}.png")  # RGB
+    with pytest.raises(ValueError) as refused:
+        _build(tmp_path)
+    message = str(refused.value)
+    assert message.startswith("5 of the 6 image/annotation pairs of training cannot be used, each to fix or remove: "
+                              f"(1) annotation {labels / 'b.png'} is 16x8 but its image b.jpg is 16x16; "), message
+    assert f"(2) annotation {labels / 'c.png'} cannot be read" in message
+    assert f"(3) annotation {labels / 'd.png'} is an RGB image" in message
+    assert message.endswith("; and 2 more pairs, of images e.jpg, f.jpg"), message
+    for stem in ("b", "c", "d", "e", "f"):
+        _annotation(labels / f"{stem}.png", 1)
+    decodes.clear()
+    assert len(_build(tmp_path)) == 6 and sorted(decodes) == ["b.png", "c.png", "d.png", "e.png", "f.png"]
+
+
 def _kept(root):
     return pair_checks.cache_file(root.resolve(), "training")
 

@@ -49,6 +49,7 @@ from lomar.checkpoints.io import atomic_write_text
 from lomar.data.decode import max_image_bytes, max_image_pixels
 from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
+from lomar.values import counted, listed
 
 __all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results"]
 
@@ -62,6 +63,9 @@ UNUSED_S = 30 * 86400.0
 # the modules whose code decides a pair's result: reading, decoding and checking the two files
 _CHECK_MODULES = tuple(f"lomar.data.{name}" for name in ("segmentation", "decode", "headers", "jpeg_cut", "png_cut",
                                                          "tiff_cut", "pair_checks"))
+
+# the bad pairs whose messages a refusal gives in full; the others' images are named
+_SHOWN = 3
 
 Identity = list[int]  # size, mtime_ns, ctime_ns, inode
 
@@ -160,9 +164,10 @@ def _write(path: Path, header: dict, pairs: dict[str, list]) -> None:
 def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
                  check: Callable[[Path, Path], tuple[int, int]], workers: int) -> list[tuple[int, int]]:
     """``check(image, annotation)`` of each pair, in order (its highest class id and the ids it holds, bit i for id
-    i; a failing pair's ValueError propagates, the first in order), taken from the cache for a pair whose files are
-    unchanged since they passed; the others are checked on ``workers`` threads. The pairs that passed are kept, also
-    when one fails."""
+    i), taken from the cache for a pair whose files are unchanged since they passed; the others are checked on
+    ``workers`` threads. Every pair is checked before a refusal: the pairs whose check raised ValueError are refused
+    together in one ValueError (:func:`_refusal`), so that a split with several bad files is not fixed one run of a
+    whole check at a time. The pairs that passed are kept, also when some fail."""
     root = Path(root).resolve()
     header = _header(root, split)
     try:
@@ -184,10 +189,20 @@ def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
     if len(todo) < len(pairs):
         log.info("%s (split %s): %d of %d pairs unchanged since checked (%s); checking %d", root, split,
                  len(pairs) - len(todo), len(pairs), path, len(todo))
+    failures: list[tuple[int, str]] = []
+
+    def outcome(k: int) -> tuple[tuple[int, int] | None, str | None]:
+        try:
+            return check(*pairs[k]), None
+        except ValueError as exc:
+            return None, str(exc)
+
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for k, result in zip(todo, pool.map(lambda k: check(*pairs[k]), todo)):
+            for k, (result, failure) in zip(todo, pool.map(outcome, todo)):
                 results[k] = result
+                if failure is not None:
+                    failures.append((k, failure))
     finally:
         kept = {image.name: [annotation.name, *ids, *result]
                 for (image, annotation), ids, result in zip(pairs, identities, results)
@@ -197,4 +212,18 @@ def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
         elif path and known:
             with contextlib.suppress(OSError):  # a read-only cache folder: it is pruned by no one either
                 os.utime(path)  # used: not another's to prune
+    if failures:
+        raise _refusal(failures, pairs, split)
     return results
+
+
+def _refusal(failures: list[tuple[int, str]], pairs: list[tuple[Path, Path]], split: str) -> ValueError:
+    """One error for the pairs that failed (index in ``pairs``, the check's message): a single one's message as it is;
+    of several, the first :data:`_SHOWN` messages in full and the others' images named, with the count."""
+    if len(failures) == 1:
+        return ValueError(failures[0][1])
+    shown = " ".join(f"({n}) {message}" for n, (_, message) in enumerate(failures[:_SHOWN], 1))
+    rest = [pairs[k][0].name for k, _ in failures[_SHOWN:]]
+    more = f"; and {counted(len(rest), 'more pair')}, of images {listed(rest, 5)}" if rest else ""
+    return ValueError(f"{len(failures)} of the {len(pairs)} image/annotation pairs of {split} cannot be used, each "
+                      f"to fix or remove: {shown}{more}")
