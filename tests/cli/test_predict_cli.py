@@ -34,7 +34,8 @@ def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_
     assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
     run = pretrained.parent  # a finished run's folder: its export, as every reader reads it
     err = _error(capsys, str(run), images, "--out", str(tmp_path / "out"))
-    assert f"{run} is an exported encoder, which predicts no labels; pass a probe on it (lomar linprobe {run} " in err
+    assert f"{run} is a pretraining run's folder, whose exported encoder predicts no labels; pass a probe on it " \
+           f"(lomar linprobe {run} " in err
     spaced = tmp_path / "my runs" / "last.pt"  # the commands it names paste with such a path as one word
     spaced.parent.mkdir()
     shutil.copy(pretrained, spaced)

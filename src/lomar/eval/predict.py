@@ -109,8 +109,11 @@ def _cannot_run(file: Path, reader: str, command: str | None) -> str:
     the quickest first (a linear probe: features once, then seconds of fitting)."""
     probe = command_line("lomar", "linprobe", file, "--data", "ROOT", "--save", "probe.pt")
     if reader.startswith("export") or reader == "lomar-vit":
-        what = "an exported encoder" if reader.startswith("export") else "an encoder without a classifier's head"
-        return (f"{file} is {what}, which predicts no labels; pass a probe on it ({probe}, the quickest) or the "
+        # a finished pretraining run's folder is read as the export it holds beside its checkpoints
+        what = ("a pretraining run's folder, whose exported encoder" if file.is_dir() and (file / "last.pt").is_file()
+                else "an exported encoder, which" if reader.startswith("export")
+                else "an encoder without a classifier's head, which")
+        return (f"{file} is {what} predicts no labels; pass a probe on it ({probe}, the quickest) or the "
                 f"best.pt of the `lomar finetune`, `lomar detect` or `lomar segment` run that trains one on it "
                 f"({command_line('--pretrained', file)})")
     what = ("a pretraining checkpoint" if command == "pretrain" or "pretrain" in reader else
