@@ -94,7 +94,9 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
     ``with_encoder`` (else it is freed with the call: a study keeps many cells' features); UsageError on bad input. In
     a process group of several (torchrun) each process extracts its share and the main one gets the whole splits
     (:func:`lomar.eval.knn_shared.split_features`); None on the others."""
+    from lomar.data.classify import eval_resize  # torch: not for --help
     from lomar.data.collate import BadDataTracker  # torch: not for --help
+    from lomar.data.small_images import SmallImages  # torch-free, but --help reads no lomar.data module
     from lomar.eval.features import knn_loaders, load_pretrained_encoder, skipped_note  # torch: not for --help
     from lomar.eval.knn_shared import split_features  # torch: not for --help
 
@@ -115,11 +117,14 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
     features, skipped = [], {}
     for name, loader in zip(("train", "val"), loaders):  # more than UNREADABLE_LIMIT of a split stops here
         bad = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
-        split = split_features(encoder, loader, device, args.pool, bad)  # every process's skips counted
+        small = SmallImages(eval_resize(args.img_size))  # the resize enlarges them: the user's data may not be meant so
+        split = split_features(encoder, loader, device, args.pool, bad, small=small)  # every process's counted
         features += split or ()
         skipped[name] = bad.count
         if bad.count:
             say(skipped_note(loader.dataset.root, bad.count))
+        if small.count:
+            say(f"{loader.dataset.root}: {small.line()}")
     if not features:
         return None
     return Frozen(tuple(features), skipped, loaders[0].dataset.classes, encoder if with_encoder else None)

@@ -27,6 +27,7 @@ from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.folder import LabelledImageFolder
+from lomar.data.small_images import SmallImages
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
@@ -294,7 +295,7 @@ def eval_load(img_size: int, decode: str = "full"):
 @torch.no_grad()
 def extract_features(encoder: VisionTransformer, loader, device: torch.device | str = "cpu",
                      pool: Pool = "mean", bad: BadDataTracker | None = None,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     desc: str = "features", small: SmallImages | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image: (N, D) float32 on CPU, and (N,) labels.
 
     ``pool='mean'`` (default) averages the normed patch tokens; ``'cls'`` takes the normed
@@ -304,16 +305,17 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
     (batches from :func:`knn_loaders`) are skipped and counted (in ``bad`` when given); more than
     ``UNREADABLE_LIMIT`` of the split is a UsageError naming its folder: a score over part of a split
     is not that split's score. Progress (``desc``) goes to stderr (:func:`lomar.progress_bar.progress`).
+    ``small``, where given, counts the images smaller than its size (upscaled by the resize).
     """
     bad = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad  # the loader warned of each
-    feats, labels = read_features(encoder, loader, device, pool, bad, desc)
+    feats, labels = read_features(encoder, loader, device, pool, bad, desc, small)
     check_read(loader.dataset, len(feats), bad)
     return feats, labels
 
 
 @torch.no_grad()
 def read_features(encoder: VisionTransformer, loader, device: torch.device | str, pool: Pool, bad: BadDataTracker,
-                  desc: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  desc: str | None, small: SmallImages | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_features` without its checks: (N, D) features ((0,) when none was read) and (N,) labels;
     ``desc`` None: no progress bar."""
     # One (N, D) block filled batch by batch: a list of batches joined at the end held every feature twice (3.9 GB
@@ -323,6 +325,8 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
         for batch in loader if desc is None else progress(loader, total=len(loader), desc=desc, unit="batch"):
             images, targets = batch[0], batch[1]
             bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
+            if small is not None:
+                small.add(getattr(batch, "sources", ()))
             if len(targets) == 0:  # every image of the batch was unreadable
                 continue
             tokens = encoder.forward_features(images.to(device, non_blocking=True))  # (B, 1+L, D)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.data.collate import BadDataTracker
+from lomar.data.small_images import SmallImages
 from lomar.eval.features import Pool, check_read, extract_features, read_features
 from lomar.models.vit import VisionTransformer
 
@@ -71,21 +72,27 @@ def gather_rows(rows: torch.Tensor, counts: list[int], device: torch.device | st
 
 def shared_features(encoder: VisionTransformer, loader: DataLoader, share: DataLoader, device: torch.device | str,
                     desc: str, pool: Pool = "mean",
-                    bad: BadDataTracker | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    bad: BadDataTracker | None = None,
+                    small: SmallImages | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) of ``loader``'s whole split on the main process, in the split's order, as
     :func:`~lomar.eval.features.extract_features` gives them (``pool``); None on the others. A collective: each
     process extracts ``share`` (:func:`share_loader`). Unreadable images are checked over the whole split, on every
     process alike, before any features are sent: all raise the same UsageError, and none waits for the others.
-    ``bad``, where given, takes every process's unreadable images (on every process).
+    ``bad``, where given, takes every process's unreadable images (on every process), ``small`` their images smaller
+    than its size (on the main process).
     The main process shows its progress (``desc``), which is the others' too: their shares differ by a batch at most."""
-    mine = BadDataTracker(len(share.dataset), warn=False)  # the loader warned of each
-    feats, labels = read_features(encoder, share, device, pool, mine, desc if dist.get_rank() == 0 else None)
+    mine, small_mine = BadDataTracker(len(share.dataset), warn=False), SmallImages(small.size if small else 0)
+    feats, labels = read_features(encoder, share, device, pool, mine, desc if dist.get_rank() == 0 else None,
+                                  small_mine)
     shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, (len(feats), feats.shape[1] if len(feats) else 0, list(mine.bad)))
+    dist.all_gather_object(shares, (len(feats), feats.shape[1] if len(feats) else 0, list(mine.bad),
+                                    (small_mine.count, small_mine.smallest)))
     whole = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad
-    for _, _, paths in shares:
+    for _, _, paths, smalls in shares:
         whole.update(paths, len(paths))
-    counts, dim = [count for count, _, _ in shares], max(width for _, width, _ in shares)
+        if small is not None and dist.get_rank() == 0:
+            small.join(*smalls)
+    counts, dim = [count for count, _, _, _ in shares], max(width for _, width, _, _ in shares)
     check_read(loader.dataset, sum(counts), whole)
     feats = gather_rows(feats.reshape(len(labels), dim), counts, device)
     labels = gather_rows(labels, counts, device)
@@ -93,10 +100,11 @@ def shared_features(encoder: VisionTransformer, loader: DataLoader, share: DataL
 
 
 def split_features(encoder: VisionTransformer, loader: DataLoader, device: torch.device | str, pool: Pool,
-                   bad: BadDataTracker, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor] | None:
+                   bad: BadDataTracker, desc: str = "features",
+                   small: SmallImages | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`~lomar.eval.features.extract_features` of ``loader``'s split; in a process group of several
     (torchrun), :func:`shared_features` of this process's :func:`share_loader` (None but on the main process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return extract_features(encoder, loader, device, pool, bad=bad, desc=desc)
+        return extract_features(encoder, loader, device, pool, bad=bad, desc=desc, small=small)
     share = share_loader(loader, dist.get_rank(), dist.get_world_size())
-    return shared_features(encoder, loader, share, device, desc, pool, bad)
+    return shared_features(encoder, loader, share, device, desc, pool, bad, small)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lomar.data.small_images import smaller, upscaled_line
 from lomar.train.distributed import DistInfo
-from lomar.values import counted
 
 __all__ = ["UpscaledFiles"]
 
@@ -52,7 +52,7 @@ class UpscaledFiles:
                 log.warning("%s is %dx%d, smaller than the %d px crop: upscaled; the run's last line counts every such "
                             "image", path, width, height, self.size)
             self.keys.add(_key(path))
-            self.smallest = _least(self.smallest, (height, width, path))
+            self.smallest = smaller(self.smallest, (height, width, path))
 
     def gathered(self, info: DistInfo) -> dict:
         """Every process's files so far, for a checkpoint: ``{"keys": int64 (N,) sorted, each once, "smallest":
@@ -66,7 +66,7 @@ class UpscaledFiles:
         self.saved = torch.unique(torch.cat([self.saved, *(part["keys"] for part in ranks)]))
         self.keys = set()
         for part in ranks:
-            self.smallest = _least(self.smallest, part["smallest"])
+            self.smallest = smaller(self.smallest, part["smallest"])
         return {"keys": self.saved, "smallest": list(self.smallest) if self.smallest else None}
 
     def restore(self, saved: dict | None) -> None:
@@ -84,13 +84,5 @@ class UpscaledFiles:
         process (:meth:`gathered`), or '' when none was."""
         if not saved or not len(saved["keys"]) or not saved["smallest"]:
             return ""
-        height, width, path = saved["smallest"]
-        return (f"{counted(len(saved['keys']), 'image')} smaller than the {size} px crop upscaled, the smallest "
-                f"{width}x{height} ({path})")
+        return upscaled_line(len(saved["keys"]), size, "crop", saved["smallest"])
 
-
-def _least(a: tuple | list | None, b: tuple | list | None) -> tuple | None:
-    """The smaller image of (height, width, path) ``a`` and ``b`` (shorter side, then area); None counts as none."""
-    if a is None or b is None:
-        return tuple(b or a) if (a or b) else None
-    return tuple(min(a, b, key=lambda s: (min(s[0], s[1]), s[0] * s[1])))
