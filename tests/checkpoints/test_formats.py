@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from format_models import VIT
 
 from lomar import LoMaR, VisionTransformer
 from lomar.checkpoints import formats
@@ -33,6 +34,13 @@ def test_each_format_is_detected_once_and_read(sources, name, fmt, kind):
         for key, value in model.encoder.state_dict().items():
             if key != "pos_embed":
                 assert torch.equal(weights.state[key], value), key
+
+
+@pytest.mark.parametrize("num_classes, source", [(3, "classifier checkpoint"), (0, "ViT encoder checkpoint")])
+def test_a_bare_vit_state_dict_is_named_by_whether_it_holds_a_head(tmp_path, num_classes, source):
+    """A ViT's state_dict alone (timm's keys, as torch.save wrote it): a classifier where it has a head."""
+    torch.save(VisionTransformer(VIT, num_classes=num_classes).state_dict(), tmp_path / "vit.pth")
+    assert formats.encoder_weights(tmp_path / "vit.pth").source == source
 
 
 def test_lomar_window_override_does_not_window_the_encoder(sources):

@@ -249,7 +249,8 @@ class VitReader(Reader):
             config = self.trained_config(src, overrides)
         except ValueError as exc:  # no size to resample from: a caller's img_size is the size to resample to
             raise _unknown_grid(src) if "not a square grid" in str(exc) else exc from None
-        kind = "finetune" if src.data.get("format") == FINETUNE_FORMAT or "config" in _saved_keys(src) else "classifier"
+        kind = ("finetune" if src.data.get("format") == FINETUNE_FORMAT or "config" in _saved_keys(src) else
+                "classifier" if "head.weight" in src.state else "ViT encoder")  # a head-less one: timm's num_classes=0
         return EncoderWeights(config, dict(src.state), [], f"{kind} checkpoint")
 
 
