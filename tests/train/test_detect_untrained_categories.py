@@ -59,3 +59,21 @@ def test_many_untrained_categories_are_counted_and_an_unknown_split_says_nothing
     assert said.startswith(f"7 categories with boxes in {tmp_path / 'val.json'} but none in ")
     assert ": 1 'c1', 2 'c2', 3 'c3', 4 'c4', 5 'c5' and 2 more; add" in said
     assert detect.untrained_categories(split("val.json", ids), split("train.json", None)) is None  # not known
+
+
+def test_a_category_boxed_in_neither_split_is_named_and_one_boxed_somewhere_is_not(tmp_path):
+    """A category the files list with no box in either (an export's class never drawn) is left out of the AP mean:
+    warned of as such, not as never trained on."""
+    entries = [{"id": i, "name": name} for i, name in ((3, "ring"), (7, "disc"), (12, "zebra"))]
+
+    def split(name, boxed):
+        return CocoSplit(tmp_path / name, tmp_path, {"categories": entries}, [3, 7, 12], CocoSummary(boxed=boxed))
+
+    val, train = split("val.json", [3]), split("train.json", [3, 7])
+    assert detect.unboxed_categories(val, train) == (
+        f"1 category of the files with a box in neither {tmp_path / 'train.json'} nor {tmp_path / 'val.json'} (left "
+        f"out of the AP mean; the head still has an output for each, trained only to say no): 12 'zebra'; add boxes "
+        f"of them, or leave them out of both files' categories")
+    assert detect.untrained_categories(val, train) is None  # 7 is trained on, 12 scored nowhere
+    assert detect.unboxed_categories(val, split("train.json", [3, 7, 12])) is None
+    assert detect.unboxed_categories(val, split("train.json", None)) is None  # not known

@@ -58,8 +58,10 @@ from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
 from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
 from lomar.train.untrained import untrained_classes
+from lomar.values import listed
 
-__all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories"]
+__all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories",
+           "unboxed_categories"]
 
 _PREDICTIONS = "predictions.json"  # a COCO results file
 
@@ -133,8 +135,9 @@ class DetectTask(Task):
             log(f"lomar detect: train {train.path}: {train.summary.line()}")
             if why := category_change(self.val.categories, self.val.names, train, f"in {self.val.path}"):
                 raise UsageError(f"{why}; both splits need the same categories")
-            if unseen := untrained_categories(self.val, train):
-                log(f"lomar detect: warning: {unseen}")
+            for words in (untrained_categories(self.val, train), unboxed_categories(self.val, train)):
+                if words:
+                    log(f"lomar detect: warning: {words}")
             dataset = detection_dataset(train, train_transforms(config.img_size, config.jitter), train=True,
                                         seed=config.seed)
             sampler = EpochSampler(len(dataset), config.seed, rank, world_size)
@@ -313,6 +316,22 @@ def untrained_categories(val: CocoSplit, train: CocoSplit) -> str | None:
     return untrained_classes(val.summary.boxed, train.summary.boxed, lambda i: f"{i} {name[i]!r}",
                              ("category", "categories"), f"with boxes in {val.path} but none in {train.path}", "AP",
                              "add training boxes of them, or leave them out of the validation file")
+
+
+def unboxed_categories(val: CocoSplit, train: CocoSplit) -> str | None:
+    """Words on the categories the files list but neither split has a box of (an export's class never drawn): left
+    out of the AP mean (COCOeval's -1), the head's output for each trained only to say no; None where there are none,
+    or a split does not know its categories with boxes."""
+    if val.summary.boxed is None or train.summary.boxed is None:
+        return None
+    unboxed = sorted(set(val.categories) - set(val.summary.boxed) - set(train.summary.boxed))
+    if not unboxed:
+        return None
+    name = dict(zip(val.categories, val.names))
+    many = f"{len(unboxed)} {'category' if len(unboxed) == 1 else 'categories'}"
+    return (f"{many} of the files with a box in neither {train.path} nor {val.path} (left out of the AP mean; the head "
+            f"still has an output for each, trained only to say no): {listed((f'{i} {name[i]!r}' for i in unboxed), 5)}"
+            f"; add boxes of them, or leave them out of both files' categories")
 
 
 def stderr_log(message: str) -> None:
