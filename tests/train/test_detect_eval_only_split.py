@@ -51,3 +51,11 @@ def test_eval_only_of_another_commands_checkpoint_without_val_ann_names_what_it_
     assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
     assert capsys.readouterr().err == (f"lomar detect: error: --pretrained {path} is not a `lomar detect` run or "
                                        f"checkpoint; --eval-only scores a trained detector\n")
+
+
+def test_eval_only_of_a_checkpoint_naming_no_split_asks_for_val_ann(tmp_path, capsys):
+    path = tmp_path / "last.pt"  # a detector's settings holding no --val-ann: nothing of its run to score
+    torch.save({"format": DETECT_FORMAT, "step": 2, "settings": {"val_ann": None, "img_size": 64}}, path)
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == ("lomar detect: error: pass --val-ann FILE (COCO instances JSON) and "
+                                       "--val-images DIR: the split AP is scored on\n")

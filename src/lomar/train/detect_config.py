@@ -145,7 +145,8 @@ class DetectConfig(TaskConfig):
                 settings = {**_SAVED_BEFORE, **settings}
                 # --eval-only scores the split its run scored unless given one, as segment's takes its run's --data
                 scored = _SCORED_ON if self.eval_only and "val_ann" not in explicit else ()
-                taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT + scored and k not in explicit}
+                taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT + scored and k not in explicit
+                         and (v is not None or k not in scored)}  # a split it names; none: --val-ann is asked for
                 for name, value in coerce_all(type(self), taken, str(self.detector.path), strict=False).items():
                     setattr(self, name, value)
                 if "val_ann" in taken and not Path(self.val_ann).is_file():  # not a --val-ann the user typed
