@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from lomar.errors import UsageError
+from lomar.values import listed
 
 __all__ = ["json_number", "json_integer", "run_lengths", "segmentation_error", "mask_area", "check_coco_paths"]
 
@@ -85,7 +86,7 @@ def check_coco_paths(ann_file: str | Path, image_root: str | Path | None, flag: 
     """A UsageError when the instances file is not a file or its image folder (None: not checked) not a folder."""
     if Path(ann_file).is_dir():  # an image or annotations folder given for the file, or the file's folder
         found = sorted(p.name for p in Path(ann_file).glob("*.json"))
-        held = f", e.g. one it holds: {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+        held = f", e.g. one it holds: {listed(found, 3)}" if found else ""
         raise UsageError(f"{flag} {Path(ann_file)} is a folder; pass a COCO instances JSON file{held}")
     if not Path(ann_file).is_file():
         raise UsageError(f"{flag} {Path(ann_file)} does not exist; pass a COCO instances JSON file")
