@@ -60,7 +60,7 @@ def restore(trainer, path: Path, ckpt: dict | None, meta: dict | None, task_load
                                                   task.sharded))
     best = recorded_best(ckpt, task.best_metric)
     trainer.best = -math.inf if best is None else best  # None: no evaluation scored yet
-    trainer.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
+    trainer.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint that does not hold it
     trainer.skipped.restore(skipped, info.rank)
     if trainer.upscaled:
         trainer.upscaled.restore(ckpt.get("upscaled"))

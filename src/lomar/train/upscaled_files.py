@@ -6,7 +6,8 @@ Counted where the batches arrive, from the size each item carries (its ``"source
 decoded it or read its header): no pass over the data's headers at start-up, and right whatever the loader's workers,
 since every item reaches its process's loop. A file is kept as a 63-bit hash of its path, and a checkpoint holds each
 once, in one int64 tensor however many processes read it: at 448 px half of ImageNet's images are under the crop, and
-a list of each rank's files, every rank reading most of them over a long run, took tens of seconds to save and load.
+a list of each rank's files, every rank reading most of them over a long run, would take tens of seconds to save and
+load.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class UpscaledFiles:
         return {"keys": self.saved, "smallest": list(self.smallest) if self.smallest else None}
 
     def restore(self, saved: dict | None) -> None:
-        """Go on from a checkpoint's :meth:`gathered` (None: one saved before they were kept), in every process
+        """Go on from a checkpoint's :meth:`gathered` (None: a checkpoint that holds none), in every process
         whatever their count: the next gather holds each file once."""
         self.keys, self.saved, self.smallest = set(), torch.empty(0, dtype=torch.int64), None
         if saved:
