@@ -41,8 +41,8 @@ def test_a_checkpoint_in_torchs_legacy_format_is_read_whole_as_it_cannot_be_mapp
 
 
 def test_a_mapped_checkpoint_in_no_format_is_not_read_again_whole(tmp_path, monkeypatch):
-    """A zip checkpoint of no format lomar reads was mapped, and identified as none: None at once, where a second,
-    whole read (the legacy format's fallback) would read a large file for the same answer."""
+    """A zip checkpoint of no format lomar reads is mapped and identified as none: None at once, not read a second
+    time whole (the legacy format's fallback), which would read a large file for the same answer."""
     path = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(2)}, path)
     loads, load = [], lomar.checkpoints.formats.safe_load

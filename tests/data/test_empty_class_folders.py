@@ -89,8 +89,9 @@ def _unreadable(folder, count: int) -> None:
 
 @pytest.mark.parametrize("name", ["aa", "zz"])
 def test_a_training_class_of_unreadable_images_is_no_class_in_either_split_wherever_it_sorts(tmp_path, caplog, name):
-    """linprobe sized its probe by the largest label read: such a class sorted last had no row, first an untrained
-    one; finetune kept an output never trained on. Its files go too: read, they would carry no label."""
+    """A class no training image can be read of teaches nothing: left in, linprobe's probe (sized by the largest
+    label read) would lack its row or hold an untrained one, and finetune an output never trained. Its files go too:
+    read, they would carry no label."""
     root = _splits(tmp_path, {"cat": 2, "dog": 1}, {"cat": 1, "dog": 1})
     _unreadable(root / "train" / name, 2)
     (root / "val" / name).mkdir()

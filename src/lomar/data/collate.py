@@ -45,8 +45,8 @@ def split_skipped(batch: list) -> tuple[list, list[Skipped]]:
 
 class LabelledItem(tuple):
     """A class-folder item ``(image or None, label, path)`` that also carries ``source``: the (height, width) of the
-    whole image read, None where unreadable. Three elements, as such items always had: code unpacking them goes on
-    working, where a fourth element would make it fail."""
+    whole image read, None where unreadable. Three elements, the size an attribute: code unpacking an item into
+    three works with it."""
 
     source: tuple[int, int] | None
 

@@ -176,8 +176,8 @@ def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_
 
 @pytest.mark.parametrize("metric", ["knn", "linprobe"])
 def test_a_features_error_at_a_score_is_one_line_naming_the_metric(tmp_path, pretrained, metric):
-    """Data changed after the study's check (a val class folder added): the features' refusal is the study's one
-    line, where naming the command in it raised AttributeError ('Namespace' object has no attribute 'command')."""
+    """Data changed after the study's check (a val class folder added): the features' refusal, which names the
+    command, is the study's one line (its evaluations' arguments carry the command as the parser sets it)."""
     from lomar.cli.study import evals
     from lomar.cli.study.spec import Cell
     from lomar.errors import LomarError
