@@ -276,9 +276,11 @@ class LabelledImageFolder(Dataset):
         """{class: (its image count, why its first image cannot be read)} of the classes with images none of which this
         split's load reads (the error :meth:`__getitem__` skips a file for). Each class's images are tried in order up
         to the first that reads: one decode a class where its first image reads, however many images it holds."""
-        found, starts, counts = {}, *np.unique(self.labels, return_index=True, return_counts=True)[1:]
-        for label, start, count in zip(np.unique(self.labels).tolist(), starts.tolist(), counts.tolist()):
-            first = None  # labels run class by class (np.repeat, kept in order by drop_classes)
+        found = {}
+        # labels run class by class (np.repeat, kept in order by drop_classes): a class's images are one range
+        labels, starts, counts = np.unique(self.labels, return_index=True, return_counts=True)
+        for label, start, count in zip(labels.tolist(), starts.tolist(), counts.tolist()):
+            first = None
             for index in range(start, start + count):
                 try:
                     self.load(self.paths.text(index))
