@@ -280,6 +280,7 @@ def test_class_names_are_read_from_ades_class_list(tmp_path):
     ([(0, 0, 0), (2, 2, 2), (1, 1, 1)], "RGB", "is an RGB image whose channels are equal: a grey mask saved in colour, "
                                                "its ids in any one channel (Pillow: .convert('L') keeps them); "),
     ([(0, 255), (1, 255), (1, 255)], "LA", "is an LA image; "),
+    ([(255, 0, 0)] * 3, "RGB", "is an RGB colour mask of 1 colour ((255, 0, 0)): map each colour to its class id; "),
 ])
 def test_an_annotation_in_colour_is_refused_naming_its_colours_or_its_grey(tmp_path, pixels, mode, said):
     """A colour mask needs its colours mapped to ids, which only its maker knows; a grey one saved as RGB holds them."""

@@ -35,7 +35,7 @@ from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
 from lomar.errors import exception_line
-from lomar.values import listed
+from lomar.values import counted, listed
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
            "eval_input", "collate_segmentation", "class_names"]
@@ -104,7 +104,8 @@ def _what_mode(image) -> str:
                 f"one channel (Pillow: .convert('L') keeps them)")
     colours = np.unique(pixels, axis=0)
     shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:4]) + (", ..." if len(colours) > 4 else "")
-    return f"{article} {image.mode} colour mask of {len(colours)} colours ({shown}): map each colour to its class id"
+    return (f"{article} {image.mode} colour mask of {counted(len(colours), 'colour')} ({shown}): map each colour to "
+            f"its class id")
 
 
 def _check_pair(image: Path, annotation: Path) -> tuple[int, int]:
