@@ -47,7 +47,7 @@ from lomar.models.modes import eval_mode
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import DetectConfig
+from lomar.train.detect_config import PREDICTIONS, DetectConfig
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.eval_only import over_note, score_only, scored_split
@@ -62,8 +62,6 @@ from lomar.values import listed
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories",
            "unboxed_categories"]
-
-_PREDICTIONS = "predictions.json"  # a COCO results file
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -103,7 +101,7 @@ def _fit_to_layout(state: dict, model: torch.nn.Module, saved: ViTConfig) -> dic
 class DetectTask(Task):
     """Mask R-CNN training and COCO evaluation (a :class:`~lomar.train.task.Task` of the lifecycle)."""
 
-    name, best_metric, outputs = "detect", "box_AP", (_PREDICTIONS,)
+    name, best_metric, outputs = "detect", "box_AP", (PREDICTIONS,)
     evaluation_outputs = outputs  # each evaluation of a run writes them: _keep_predictions
     # torchvision's loss names, in the order its Mask R-CNN returns them
     loss_parts = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -239,7 +237,8 @@ class DetectTask(Task):
         if not self.info.enabled:
             self.predictions = results
             metrics = self._scored(results, seen, skipped)
-            self._keep_predictions(self.config.out, eval_only=False)
+            if not self.config.eval_only:  # --eval-only's are written in finish
+                self._keep_predictions(self.config.out)
             return metrics
         gathered = [None] * self.info.world_size if self.info.is_main else None
         dist.gather_object((results, seen, skipped), gathered, dst=0)
@@ -250,11 +249,12 @@ class DetectTask(Task):
             try:
                 metrics = [self._scored(self.predictions, [i for _, ids, _ in gathered for i in ids],
                                         [line for _, _, lines in gathered for line in lines])]
-                self._keep_predictions(self.config.out, eval_only=False)
+                if not self.config.eval_only:
+                    self._keep_predictions(self.config.out)
             except TrainingError as exc:  # too many skipped: said once, here; the lifecycle stops every process
                 failure = exc
             except OSError as exc:  # a full disk: raised alone here, the others would wait for the scores for good
-                metrics, failure = [None], TrainingError(f"could not write {exc.filename or 'predictions.json'}: "
+                metrics, failure = [None], TrainingError(f"could not write {exc.filename or PREDICTIONS}: "
                                                          f"{exc.strerror or exc}")
         dist.broadcast_object_list(metrics, src=0)
         if failure is not None:
@@ -281,17 +281,16 @@ class DetectTask(Task):
                              f"{f' (it started with --val-ann {started})' if started else ''}, or start a new run "
                              f"with another --out")
 
-    def _keep_predictions(self, out: Path | str, eval_only: bool) -> None:
-        """``OUT/predictions.json``, the detections of the evaluation just made, where ``eval_only`` says the
-        caller's is the write of this run's kind: a run's evaluation writes them before the checkpoint that follows
-        it, so that a checkpoint of a scored step never goes without them (a kill after the run's last checkpoint
-        leaves a resume nothing to evaluate again); ``--eval-only``'s ``finish`` before its metrics record."""
-        if self.config.eval_only == eval_only:
-            atomic_write_text(Path(out) / _PREDICTIONS, json.dumps(self.predictions))
+    def _keep_predictions(self, out: Path | str) -> None:
+        """``OUT/predictions.json``: the detections of the evaluation just made. A run's evaluation writes them before
+        the checkpoint that follows it, so that a checkpoint of a scored step never goes without them (a kill after
+        the run's last checkpoint leaves a resume nothing to evaluate again); ``--eval-only`` in ``finish``."""
+        atomic_write_text(Path(out) / PREDICTIONS, json.dumps(self.predictions))
 
     def finish(self, out: Path) -> None:
-        """``--eval-only``'s detections (:meth:`_keep_predictions`)."""
-        self._keep_predictions(out, eval_only=True)
+        """``--eval-only``'s detections (:meth:`_keep_predictions`); a run's evaluations wrote theirs."""
+        if self.config.eval_only:
+            self._keep_predictions(out)
 
 
 def category_change(ids: list[int] | None, names: list[str] | None, split: CocoSplit, where: str) -> str | None:
@@ -348,6 +347,6 @@ def evaluate_only(config: DetectConfig) -> int:
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
     task, metrics, out = score_only(config, DetectTask)
     scores = ", ".join(metric_text(key, metrics.get(key)) for key in ("box_AP", "mask_AP"))
-    print(f"lomar detect: {scores}{over_note(task.val.root, metrics)}; {out / 'predictions.json'}",
+    print(f"lomar detect: {scores}{over_note(task.val.root, metrics)}; {out / PREDICTIONS}",
           flush=True)  # the command's result: stdout, as knn's score
     return 0

@@ -27,9 +27,10 @@ from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.task_config import TaskConfig
 
-__all__ = ["DetectConfig", "default_image_folder", "DETECTOR_LAYOUT"]
+__all__ = ["DetectConfig", "default_image_folder", "DETECTOR_LAYOUT", "PREDICTIONS"]
 
 _RUN = "run-control"
+PREDICTIONS = "predictions.json"  # in --out, a COCO results file: a run's last evaluation's, or --eval-only's
 # What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size,
 # its encoder's attention layout (the weights fit any, the model was trained and is scored with these) and its
 # relative position term (part of the weights: it must match).
@@ -176,8 +177,8 @@ class DetectConfig(TaskConfig):
                               "scored on")
         if not self.eval_only and not self.train_ann:
             raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
-        if self.eval_only and (Path(self.out) / "predictions.json").exists() and not self.overwrite:
-            raise ConfigError(f"{setting_of(self, 'out')} already holds a predictions.json (a run's last "
+        if self.eval_only and (Path(self.out) / PREDICTIONS).exists() and not self.overwrite:
+            raise ConfigError(f"{setting_of(self, 'out')} already holds a {PREDICTIONS} (a run's last "
                               f"evaluation, or an earlier --eval-only); pass another --out, or --overwrite to "
                               f"replace it")
         check_pretrained(self)
