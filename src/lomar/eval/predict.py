@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lomar.checkpoints.export_leftovers import readable_file
+from lomar.checkpoints.file_names import LAST
 from lomar.checkpoints.formats import VitReader, read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.formats_probe import LinprobeReader
@@ -110,7 +111,7 @@ def _cannot_run(file: Path, reader: str, command: str | None) -> str:
     probe = command_line("lomar", "linprobe", file, "--data", "ROOT", "--save", "probe.pt")
     if reader.startswith("export") or reader == "lomar-vit":
         # a finished pretraining run's folder is read as the export it holds beside its checkpoints
-        what = ("a pretraining run's folder, whose exported encoder" if file.is_dir() and (file / "last.pt").is_file()
+        what = ("a pretraining run's folder, whose exported encoder" if file.is_dir() and (file / LAST).is_file()
                 else "an exported encoder, which" if reader.startswith("export")
                 else "an encoder without a classifier's head, which")
         return (f"{file} is {what} predicts no labels; pass a probe on it ({probe}, the quickest) or the "
