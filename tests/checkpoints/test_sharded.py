@@ -94,8 +94,8 @@ def test_truncated_metadata_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("field, value", [("size", "abc"), ("size", (3, -4)), ("dtype", "float32"), ("chunks", None)])
 def test_a_tensor_record_of_no_tensors_shape_or_dtype_is_one_line_not_a_traceback(tmp_path, field, value):
     """A record's shape and dtype become a tensor as the folder is read (DCP's planner) and as a command peeks at its
-    encoder (sharded_outline): one that is no tensor's is refused as the metadata's, where torch's TypeError ended
-    the read, and the peek at a command's start, in a traceback."""
+    encoder (sharded_outline): one that is no tensor's is refused as the metadata's in one line, for the read and for
+    the peek at a command's start, not left to torch's TypeError and its traceback."""
     from lomar.checkpoints.peek import peek_encoder
 
     folder = _save(tmp_path / "checkpoint-000003.dcp", _state(*_model_and_optimizer()))

@@ -114,16 +114,21 @@ def _check_records(metadata) -> None:
     if not isinstance(records, dict):
         raise ValueError("it holds no table of records (state_dict_metadata)")
     for fqn, record in records.items():
-        if not hasattr(record, "size"):  # a non-tensor entry, loaded with weights_only=True (safe_planner)
-            continue
-        shape = _sizes(record.size)
-        chunks = getattr(record, "chunks", None)
-        if not (isinstance(fqn, str) and shape is not None
-                and isinstance(getattr(getattr(record, "properties", None), "dtype", None), torch.dtype)
-                and isinstance(chunks, list) and all(_sizes(getattr(chunk, "offsets", None), len(shape)) is not None
-                                                     and _sizes(getattr(chunk, "sizes", None), len(shape)) is not None
-                                                     for chunk in chunks)):
+        # a record without a size is a non-tensor entry, loaded with weights_only=True (safe_planner)
+        if hasattr(record, "size") and not (isinstance(fqn, str) and _a_tensors(record)):
             raise ValueError(f"its record {fqn!r} gives no tensor's shape, dtype and chunks")
+
+
+def _a_tensors(record) -> bool:
+    """Whether the tensor record ``record`` gives a shape, a torch dtype, and a list of chunks each with offsets and
+    sizes of that shape's rank."""
+    shape = _sizes(record.size)
+    if shape is None or not isinstance(getattr(getattr(record, "properties", None), "dtype", None), torch.dtype):
+        return False
+    chunks = getattr(record, "chunks", None)
+    return isinstance(chunks, list) and all(_sizes(getattr(chunk, "offsets", None), len(shape)) is not None
+                                            and _sizes(getattr(chunk, "sizes", None), len(shape)) is not None
+                                            for chunk in chunks)
 
 
 def _sizes(value, rank: int | None = None) -> tuple[int, ...] | None:
