@@ -3,16 +3,24 @@ stop and resume and over every rank, and refused past 10 % of an epoch in number
 
 from __future__ import annotations
 
+import io
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from toy_run import ToyConfig, ToyTask
 
 from lomar.checkpoints.io import safe_load
+from lomar.data.collate import Skipped, collate_pretrain
+from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.train.lifecycle import run
+from lomar.train.pretrain import PretrainTask
+from lomar.train.skipped_files import SkippedFiles
+from lomar.train.task import TrainingError
 
 
 class SkippingToy(ToyTask):
@@ -36,8 +44,6 @@ class SkippingToy(ToyTask):
 def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path, capsys):
     """A resumed process counted only its own skips: its summary said 1 where the epoch had 3, and 2 + 2 bad files
     (over 10 % of 32 together) went through a stop that an uninterrupted run refuses."""
-    from lomar.train.skipped_files import SkippedFiles
-    from lomar.train.task import TrainingError
 
     class Three(SkippingToy):
         bad = frozenset({12, 3, 0})  # points 12 and 3 come in the epoch's first 2 steps, 0 after (seed 0's order)
@@ -68,7 +74,6 @@ def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path,
 def test_a_run_that_skipped_a_detection_or_segmentation_sample_resumes(tmp_path, capsys):
     """coco's and segmentation's datasets name a skipped sample by a Skipped line (a str subclass): saved as one in
     skipped_ranks, the checkpoint loads under torch.load(weights_only=True), and the run resumes."""
-    from lomar.data.collate import Skipped
 
     class Lines(SkippingToy):
         bad = frozenset({12, 3, 0})
@@ -85,8 +90,8 @@ def test_a_run_that_skipped_a_detection_or_segmentation_sample_resumes(tmp_path,
 
 def test_too_many_skips_are_told_in_numbers_the_user_can_check(tmp_path):
     """36 points, all unusable, in batches of 4 x accum 2: an epoch reads 32 (the 9th batch is left out). The
-    message said '4 of 32 images (over 10%)', which read as 32 files in the data."""
-    from lomar.train.task import TrainingError
+    message says 32 is what an epoch reads, and in how many batches: '4 of 32 images' would read as 32 files in the
+    data."""
 
     class AllBad(SkippingToy):
         bad = frozenset(range(36))
@@ -109,7 +114,6 @@ def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypa
     """Under torchrun rank 0's last line counts every rank's skipped files, not its own alone: a file in another
     rank's share is said, as one process says it. The ranks' files reach rank 0 as the checkpoint gathers them (a
     collective: here, rank 1's made up)."""
-    from lomar.train.skipped_files import SkippedFiles
 
     monkeypatch.setattr(SkippedFiles, "gathered", lambda self, info: [[], ["b.png", "a.png"], ["a.png"]])
     assert run(ToyConfig(out=str(tmp_path), epochs=1), ToyTask) == 0
@@ -120,15 +124,6 @@ def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypa
 def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path):
     """The decoder's reason begins 'cannot decode image PATH:'; the warning and the done line give the path once,
     then the reason without that lead: 'PATH (image file is truncated ...)'."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from lomar.data.collate import collate_pretrain
-    from lomar.data.folder import build_pretrain_dataset
-    from lomar.train.pretrain import PretrainTask
-
     whole = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(whole, "JPEG")
     (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
@@ -140,13 +135,6 @@ def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path
 def test_a_pretraining_runs_image_that_cannot_be_read_is_named_once_with_its_reason(tmp_path, monkeypatch):
     """The reader's reason (a file over LOMAR_MAX_IMAGE_BYTES) begins 'cannot read PATH:': the warning gives the path
     once, then the reason without that lead."""
-    import numpy as np
-    from PIL import Image
-
-    from lomar.data.collate import collate_pretrain
-    from lomar.data.folder import build_pretrain_dataset
-    from lomar.train.pretrain import PretrainTask
-
     path = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
     monkeypatch.setenv("LOMAR_MAX_IMAGE_BYTES", "100")
