@@ -183,9 +183,6 @@ class FinetuneTask(Task):
                 f"{self.model.config.embed_dim} wide, {counted(self.model.config.depth, 'block')}, "
                 f"{self.config.img_size} px, {params:.1f}M params")
 
-    def sources(self, batch) -> list[tuple[str, int, int]]:
-        return list(getattr(batch, "sources", ()))
-
     def loss(self, batch) -> torch.Tensor | None:
         if not batch[0].numel():  # every image of the batch was unreadable
             return None

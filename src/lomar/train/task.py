@@ -16,8 +16,9 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   epoch were skipped (:class:`~lomar.train.skipped_files.SkippedFiles`); ``skips_warned``: the data warned of each
   (default True), else the count does, once per file,
 - ``crop_size`` and ``sources(batch)``: with a crop size, the run counts the images read whose shorter side is under
-  it (every crop of them upscaled) from ``sources`` ((path, height, width) of each image the batch read), each once
-  over the run and every process, and says so in its final line (:class:`~lomar.train.upscaled_files.UpscaledFiles`),
+  it (every crop of them upscaled) from ``sources`` ((path, height, width) of each image the batch read; default:
+  its ``sources``, as :class:`~lomar.data.collate.LabelledBatch` gives them), each once over the run and every
+  process, and says so in its final line (:class:`~lomar.train.upscaled_files.UpscaledFiles`),
 - ``step_metrics``: names of scalars that ``loss`` also returns in its dict (beside the parts, or beside
   ``"loss"`` when there are none), logged like the parts but not learned from (e.g. an accuracy),
 - ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine; a function, not a method: see
@@ -126,7 +127,7 @@ class Task:
         return list(getattr(batch, "bad", ()))
 
     def sources(self, batch) -> list[tuple[str, int, int]]:
-        return []
+        return list(getattr(batch, "sources", ()))
 
     def idle_loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
         return self.loss(batch)
