@@ -154,9 +154,9 @@ def test_a_ctrl_c_under_torchrun_says_when_torchrun_would_kill_the_run_before_it
 
 
 def test_a_ctrl_c_under_torchrun_in_the_first_step_or_evaluation_says_it_cannot_tell_yet(monkeypatch, capfd):
-    """The run's first step (its loader's start-up, a compile) and its first evaluation have no earlier one to time:
-    taken for a step of 0 s and the save, a compile's first step passed torchrun's wait with no word (2 gloo
-    processes, checked). The line says it cannot tell yet, or once the time so far passes the wait, that it does."""
+    """The run's first step (its loader's start-up, a compile) and its first evaluation have no earlier one to time,
+    and a compile's first step can outlast torchrun's wait: the line says it cannot tell yet, or once the time so far
+    passes the wait, that it does."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
     monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
