@@ -173,8 +173,8 @@ def test_a_validation_folder_of_other_images_is_refused_before_training(tiny, tm
 
 
 def test_the_validation_line_says_its_boxes_are_scored_as_written(tiny, tmp_path, capsys):
-    # the val line said "boxes clipped to their image, boxes of zero area skipped", as training does, while COCOeval
-    # scores that split's boxes as the file writes them: a zero-area box stays an object no detected box matches
+    # training's line says its boxes are clipped to their image and those of zero area skipped; COCOeval scores the
+    # validation split's as the file writes them: a zero-area box stays an object no detected box matches
     (_, train_images), (val_ann, val_images) = tiny
     edited = edited_coco(val_ann, tmp_path, lambda d: d["annotations"][0].update(bbox=[-10.0, -5.0, 40.0, 30.0])
                          or d["annotations"][1].update(bbox=[20.0, 20.0, 0.0, 10.0]))
