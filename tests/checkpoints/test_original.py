@@ -173,3 +173,12 @@ def test_an_original_lomar_trained_with_absolute_positions_keeps_its_table(tmp_p
                tmp_path / "lomar_abs.pth")
     loaded = load_original(tmp_path / "lomar_abs.pth", num_heads=4, window_size=2, num_windows=2)
     assert loaded.encoder.config.pos == "abs" and torch.equal(loaded.encoder.pos_embed, source.encoder.pos_embed)
+
+
+def test_an_original_of_heads_its_shapes_do_not_tell_names_its_file_in_the_conversion_command(tmp_path):
+    """load_original's refusal names the file to convert, as every other reader of it does (formats' encoder read)."""
+    path = tmp_path / "odd.pth"  # 40 wide: no standard size, no RPE table, no saved args
+    torch.save({"model": VisionTransformer(model_config("vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=40,
+                                                        depth=2, num_heads=2, pos="abs")).state_dict()}, path)
+    with pytest.raises(ValueError, match=f"convert it first: lomar load-original {path} --num-heads N --to FILE$"):
+        load_original(path)

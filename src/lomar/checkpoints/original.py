@@ -49,7 +49,11 @@ def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
 
 
 def _method(state: dict) -> str:
-    return "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+    """A ViT of no pretraining part (no decoder, no LoMaR mask token; a timm encoder of num_classes=0) is a classifier
+    of no classes: read as a LoMaR it would be asked for the mask token and reconstruction head it never had."""
+    if "decoder_embed.weight" in state:
+        return "mae"
+    return "classifier" if "head.weight" in state or "mask_token" not in state else "lomar"
 
 
 def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
@@ -62,7 +66,8 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
 
 
 def _infer(data: dict, overrides: dict, whole: bool, where: object = "this checkpoint") -> tuple[str, dict]:
-    """:func:`infer_original_config` of the checkpoint ``where``; not ``whole``: a pretraining model's encoder settings
+    """:func:`infer_original_config` of the checkpoint ``where`` (its file's Path, which a refusal's conversion command
+    names, or words for a dict given); not ``whole``: a pretraining model's encoder settings
     alone (``config``), nothing asked of the parts an encoder leaves out (an MAE decoder's heads, which no shape tells;
     LoMaR's windows)."""
     state = data.get("model", data)
@@ -74,7 +79,8 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
                             if ours else ""))
     _refuse_beit(state)
     method = _method(state)
-    config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
+    path = where if isinstance(where, Path) else None  # a file to name in the conversion command
+    config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args, path,
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
     _check_tiles(config)
     settings: dict = {"config": config}
@@ -107,7 +113,7 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
         settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "classifier":
-        settings["num_classes"] = rows = state["head.weight"].shape[0]
+        settings["num_classes"] = rows = state["head.weight"].shape[0] if "head.weight" in state else 0
         if overrides.get("num_classes", rows) != rows:
             raise ValueError(f"num_classes={overrides['num_classes']!r} does not fit {where}: its head has {rows} "
                              f"rows; leave num_classes out")
