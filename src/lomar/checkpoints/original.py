@@ -49,11 +49,7 @@ def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
 
 
 def _method(state: dict) -> str:
-    """A ViT of no pretraining part (no decoder, no LoMaR mask token; a timm encoder of num_classes=0) is a classifier
-    of no classes: read as a LoMaR it would be asked for the mask token and reconstruction head it never had."""
-    if "decoder_embed.weight" in state:
-        return "mae"
-    return "classifier" if "head.weight" in state or "mask_token" not in state else "lomar"
+    return "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
 
 
 def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
@@ -113,7 +109,7 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
         settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "classifier":
-        settings["num_classes"] = rows = state["head.weight"].shape[0] if "head.weight" in state else 0
+        settings["num_classes"] = rows = state["head.weight"].shape[0]
         if overrides.get("num_classes", rows) != rows:
             raise ValueError(f"num_classes={overrides['num_classes']!r} does not fit {where}: its head has {rows} "
                              f"rows; leave num_classes out")
