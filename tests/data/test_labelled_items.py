@@ -1,0 +1,17 @@
+"""Class-folder items and batches carry more than their elements (an item's image size, a batch's skipped files and
+sizes): what a loader worker sends through its pipe, pickled, keeps it."""
+
+import pickle
+
+import torch
+
+from lomar.data.collate import LabelledItem, collate_labelled
+
+
+def test_an_item_and_its_batch_keep_their_sizes_and_skipped_files_when_pickled():
+    item = pickle.loads(pickle.dumps(LabelledItem(torch.zeros(3, 4, 4), 1, "a.png", (30, 40))))
+    image, label, path = item  # three elements, as code unpacking an item expects
+    assert (label, path, item.source) == (1, "a.png", (30, 40)) and image.shape == (3, 4, 4)
+    batch = pickle.loads(pickle.dumps(collate_labelled([item, LabelledItem(None, 0, "bad.png")])))
+    assert batch.bad == ["bad.png"] and batch.sources == [("a.png", 30, 40)]
+    assert batch[0].shape == (1, 3, 4, 4) and batch[1].tolist() == [1]
