@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path, PurePosixPath
 
+import pytest
 import torch
 from toy_run import ToyConfig, ToyTask
 
@@ -178,15 +179,18 @@ def test_a_best_the_system_refuses_to_read_is_left_with_a_warning(tmp_path, caps
     assert (out / "best.pt").read_bytes() == kept
 
 
-def test_a_whole_best_holding_what_a_weights_only_load_refuses_is_left_with_a_warning(tmp_path, capsys):
+@pytest.mark.parametrize("holding", ["python objects", "a tensor"])
+def test_a_whole_best_holding_no_checkpoint_lomar_reads_is_left_with_a_warning(tmp_path, capsys, holding):
     """A best.pt that torch.save wrote whole (every entry's CRC sound), holding Python objects (a user's own
-    torch.save of a model object) is no damaged file: the resume leaves it, saying why it could not tell its step."""
+    torch.save of a model object) or no dict (a weights-only load reads a tensor, lomar takes no checkpoint of it) is
+    no damaged file: the resume leaves it, saying why it could not tell its step."""
     out = tmp_path / "run"
     _run_to_12_keeping_8(out, {4: 0.6, 8: 0.5, 12: 0.9})
-    torch.save({**safe_load(out / "best.pt"), "saved_from": PurePosixPath("mine")}, out / "best.pt")
+    torch.save({**safe_load(out / "best.pt"), "saved_from": PurePosixPath("mine")} if holding == "python objects"
+               else torch.zeros(3), out / "best.pt")
     kept = (out / "best.pt").read_bytes()
     capsys.readouterr()
     assert _rewind_to_8(out, {4: 0.6, 8: 0.5, 12: 0.55}) == 0
-    assert f"warning: cannot read {out / 'best.pt'} (a whole archive that a weights-only load does not read) to " \
-           f"tell its step; left as it is" in capsys.readouterr().err
+    assert f"warning: cannot read {out / 'best.pt'} (a whole archive holding no checkpoint lomar reads) to tell its " \
+           f"step; left as it is" in capsys.readouterr().err
     assert (out / "best.pt").read_bytes() == kept

@@ -86,7 +86,8 @@ def best_state(checkpoint: dict, metrics: dict) -> dict:
 def _undamaged(path: Path, exc: BaseException) -> str | None:
     """Why ``path``, which the load ``exc`` failed to read, shows no damage: the system refused the read
     (permissions, an NFS server's error) in that load or in a read of its bytes now, or they are a whole archive
-    (torch.save's, every entry's CRC sound) holding what a weights-only load refuses (a user's ``torch.save(model)``).
+    (torch.save's, every entry's CRC sound) holding no checkpoint lomar reads: what a weights-only load refuses (a
+    user's ``torch.save(model)``), or no dict (a tensor, a list).
     None where the file is damaged: cut short, or bytes that are no archive or fail their CRC."""
     while exc is not None:
         if isinstance(exc, OSError):
@@ -98,7 +99,7 @@ def _undamaged(path: Path, exc: BaseException) -> str | None:
                 pass
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is None:
-                return "a whole archive that a weights-only load does not read"
+                return "a whole archive holding no checkpoint lomar reads"
     except OSError as error:
         return error.strerror or str(error)
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError):  # no archive, one cut short, a failed CRC
