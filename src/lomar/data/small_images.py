@@ -14,10 +14,10 @@ Sized = tuple[int, int, str]  # (height, width, path)
 
 
 def smaller(a: Sized | list | None, b: Sized | list | None) -> Sized | None:
-    """The smaller image of ``a`` and ``b`` (shorter side, then area), either None for none."""
-    if a is None or b is None:
-        return tuple(b or a) if (a or b) else None  # type: ignore[return-value]
-    return tuple(min(a, b, key=lambda s: (min(s[0], s[1]), s[0] * s[1])))  # type: ignore[return-value]
+    """The smaller image of ``a`` and ``b`` (shorter side, then area; ``a`` of two alike), either None for none, a
+    list where a checkpoint or another process gave it."""
+    given = [tuple(s) for s in (a, b) if s is not None]
+    return min(given, key=lambda s: (min(s[0], s[1]), s[0] * s[1]), default=None)  # type: ignore[return-value]
 
 
 def upscaled_line(count: int, size: int, what: str, smallest: Sized | list) -> str:
