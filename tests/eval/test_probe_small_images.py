@@ -8,7 +8,6 @@ from PIL import Image
 
 from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.cli.app import main
-from lomar.data.small_images import SmallImages
 
 
 @pytest.mark.parametrize("command, extra", [("knn", ["--k", "3"]), ("linprobe", ["--epochs", "1"])])
@@ -31,13 +30,3 @@ def test_knn_and_linprobe_count_each_splits_images_smaller_than_the_resize(tmp_p
     assert (f"{tmp_path / 'train'}: 2 images smaller than the 36 px resize upscaled, the smallest 16x20 "
             f"({tmp_path / 'train' / 'b' / 'small.png'})") in said
     assert f"{tmp_path / 'val'}:" not in said  # none of its images is
-
-
-def test_the_shares_of_several_processes_join_into_one_count():
-    whole, other = SmallImages(36), SmallImages(36)
-    whole.add([("a.png", 20, 30), ("big.png", 36, 40)])
-    other.add([("b.png", 10, 12)])
-    whole.join(other.count, other.smallest)
-    whole.join(0, None)  # a process whose share held none
-    assert whole.line() == "2 images smaller than the 36 px resize upscaled, the smallest 12x10 (b.png)"
-    assert SmallImages(36).line() == ""
