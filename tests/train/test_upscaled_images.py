@@ -82,10 +82,10 @@ def test_a_resume_on_another_count_of_processes_goes_on_from_every_ranks_files()
     first.restore(saved)
     second.restore(saved)
     first.count([("a.png", 20, 30), ("c.png", 12, 12)])
-    assert first.warned and UpscaledFiles.summary(first.gathered(DistInfo()), 32) == (
+    assert first.warned and first.summary(first.gathered(DistInfo())) == (
         "3 images smaller than the 32 px crop upscaled, the smallest 12x10 (b.png)")
-    assert UpscaledFiles.summary(second.gathered(DistInfo()), 32).startswith("2 images")
-    assert UpscaledFiles.summary(None, 32) == ""
+    assert second.summary(second.gathered(DistInfo())).startswith("2 images")
+    assert second.summary(None) == ""
 
 
 def test_a_finetuning_counts_its_training_images_smaller_than_its_crop(tmp_path, capsys, pretrained):

@@ -13,7 +13,6 @@ from lomar.checkpoints.file_names import BEST, METRICS
 from lomar.train.monitor import input_limit_note, metric_text, resume_hint
 from lomar.train.precision import auto_precision, emulated_bf16_notes
 from lomar.train.schedule import shortened_warning, warmup_warning
-from lomar.train.upscaled_files import UpscaledFiles
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
@@ -62,7 +61,7 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
     task.finish(out)
     losses = loss_summary(out / METRICS, mean_of_last=10)
     skipped = trainer.skipped.summary(trainer.skips)  # every rank's files, as the last save gathered them
-    upscaled = UpscaledFiles.summary(trainer.upscales, task.crop_size) if trainer.upscaled else ""
+    upscaled = trainer.upscaled.summary(trainer.upscales) if trainer.upscaled else ""
     extra, metric = "; ".join(filter(None, [skipped, upscaled, task.final_line()])), task.best_metric
     if metric:
         best = out / BEST

@@ -79,11 +79,10 @@ class UpscaledFiles:
             self.smallest = tuple(saved["smallest"]) if saved["smallest"] else None
             self.warned = len(self.saved) > 0  # the run's first said it
 
-    @staticmethod
-    def summary(saved: dict | None, size: int) -> str:
-        """'N image(s) smaller than the S px crop upscaled, the smallest WxH (PATH)' over the whole run and every
-        process (:meth:`gathered`), or '' when none was."""
+    def summary(self, saved: dict | None) -> str:
+        """'N image(s) smaller than the S px crop upscaled, the smallest WxH (PATH)' of ``saved``, the whole run's and
+        every process's (:meth:`gathered`), or '' when none was."""
         if not saved or not len(saved["keys"]) or not saved["smallest"]:
             return ""
-        return upscaled_line(len(saved["keys"]), size, "crop", saved["smallest"])
+        return upscaled_line(len(saved["keys"]), self.size, "crop", saved["smallest"])
 
