@@ -24,7 +24,7 @@ from lomar.train.distributed import DistInfo
 
 __all__ = ["UpscaledFiles"]
 
-log = logging.getLogger("lomar.data")
+log = logging.getLogger("lomar.train")
 
 
 def _key(path: str) -> int:
