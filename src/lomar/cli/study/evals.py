@@ -70,8 +70,9 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
 
 
 def check_options(spec: StudySpec) -> None:
-    """Each evaluation's options parse as its command's flags, and its data holds images (two classes for
-    the labelled ones); else a UsageError naming them. Checked before any cell trains, not at its first score."""
+    """Each evaluation's options parse as its command's flags, and its data holds images (for the labelled ones: two
+    classes, and data.train and data.val paired by the class-folder rule, LabelledImageFolder.match_classes); else a
+    UsageError naming them. Checked before any cell trains, not at its first score."""
     labelled = set(spec.eval.metrics) - {"heldout_loss"}
     read = ("train", "val") if labelled else ("val",) if spec.eval.metrics else ()  # what the metrics read
     folders: dict[str, LabelledImageFolder] = {}
