@@ -48,7 +48,9 @@ def test_draft_decodes_jpegs_reduced_with_the_full_decodes_crops(photos, monkeyp
                         lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
     full = knn_loaders(photos, img_size=32, workers=0, decode="full")[0].dataset
     reduced = knn_loaders(photos, img_size=32, workers=0, decode="draft")[0].dataset
-    assert scales == [2, 2]  # a training class's first image that reads (match_classes: a class can be learnt from)
+    # each listing checks its training classes' images up to the first that reads at 1/8 (match_classes: a class can
+    # be learnt from, lomar.data.decode_check): a's odd.jpg, b's cut.jpg (which fails there, then whole)
+    assert scales == [8, 8] * 2
     scales.clear()
     items = {full.paths.text(i).rsplit("/", 1)[1]: (full[i][0], reduced[i][0]) for i in range(len(full))}
     assert scales == [2, 8, 2]  # the odd-sized photo, the sideways one, the cut one (that decode fails)
@@ -134,9 +136,9 @@ def test_knn_every_follows_the_runs_draft_decode_and_a_resume_keeps_what_the_run
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--decode", "draft", "--knn-every", "1",
                     "--knn-data", str(root), "--max-steps", "1") == 0
-    # the k-NN's train and val photos, each read once at the draft scale, and train's again as its class's first
-    # readable image (match_classes)
-    assert len(reduced) == 6
+    # the k-NN's train and val photos, each read once at the draft scale (its classes' check is
+    # lomar.data.decode_check's, not this load)
+    assert len(reduced) == 4
     capsys.readouterr()
 
     def resumed(*args: str) -> str:
