@@ -1,5 +1,6 @@
 """A study refused before any cell trains: a bad cell, evaluation data without images or of one class, a probe
-warm-up past its epochs, pretrain-only decoding, a step budget past a cell's epochs, and an edited spec re-run."""
+warm-up past its epochs, pretrain-only decoding, a step budget past a cell's epochs, and an edited spec re-run; the
+class check's cost."""
 
 import pytest
 from tiny_study import TINY, _spec
@@ -71,6 +72,25 @@ def test_a_val_class_folder_that_train_lacks_is_refused_before_any_training(tmp_
                                          r".*train: none, only in .*val: \['c'\]; give both splits"):
         run_study(spec, tmp_path / "study", log=lambda line: None)
     assert not (tmp_path / "study" / "cells").exists()
+
+
+def test_the_studys_class_check_decodes_a_jpeg_at_one_eighth_as_the_commands_check(tmp_path, monkeypatch):
+    """The pre-check pairs the splits as knn does (match_classes): each training class is read up to its first image
+    that reads, with the commands' own check (lomar.data.decode_check), a photo's JPEG at 1/8, not decoded whole."""
+    from PIL import Image, JpegImagePlugin
+
+    from helpers import photo_like
+    from lomar.cli.study.evals import check_options
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.fromarray(photo_like(48, 64)).save(tmp_path / split / label / "p.jpg", quality=90)
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    check_options(parse_spec(_spec(tmp_path, eval={"metrics": ["knn"]})))
+    assert scales == [8, 8]  # train's a and b
 
 
 def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labelled):

@@ -83,7 +83,10 @@ def check_options(spec: StudySpec) -> None:
                 folders[split].check_classes()
         except ValueError as exc:
             raise UsageError(f"data.{split}: {exc}") from None
-    if labelled:  # the class-folder rule of finetune, knn and linprobe: else refused at the first score, after a cell
+    # the class-folder rule of finetune, knn and linprobe, with their check of a training class's images
+    # (LabelledImageFolder's default, lomar.data.decode_check: a JPEG at 1/8), whatever decode the spec's evaluations
+    # read with: else refused at the first score, after a cell
+    if labelled:
         try:
             folders["train"].match_classes(folders["val"])
         except ValueError as exc:
