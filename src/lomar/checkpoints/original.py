@@ -49,11 +49,17 @@ def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
 
 
 def _method(state: dict) -> str:
-    return "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+    """'mae' (a decoder), 'classifier' (a head), 'lomar' (its mask token or pixel head ``encoder_pred``), else
+    'encoder': a ViT's weights alone, as timm's ``num_classes=0`` saves them, which no pretraining model holds."""
+    if "decoder_embed.weight" in state:
+        return "mae"
+    if "head.weight" in state:
+        return "classifier"
+    return "lomar" if "mask_token" in state or "encoder_pred.weight" in state else "encoder"
 
 
 def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
-    """Method ('lomar', 'mae' or 'classifier') and constructor settings of an original checkpoint.
+    """Method ('lomar', 'mae', 'classifier' or 'encoder') and constructor settings of an original checkpoint.
 
     Shapes decide what they can; ``args`` (the run's arguments) and then ``overrides``
     supply the rest. Raises ValueError naming any value that stays unknown.
@@ -128,15 +134,18 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
     # the model built as if it were not given would mislead. One of this model's that an exported encoder leaves out
     # (its decoder's heads) is this checkpoint's still: the same flags serve load-original and export.
     accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
-                for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer))}
+                for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer),
+                                  ("encoder", VisionTransformer))}
     unknown = sorted(set(overrides) - set().union(*accepted.values()))
     if unknown:
         known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
         raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
                          f"accepted: {', '.join(sorted(known))}")
-    label = {"lomar": "LoMaR pretraining", "mae": "MAE pretraining", "classifier": "finetuned classifier"}[method]
-    refuse_unused(where, f"an original {label} checkpoint", overrides, accepted[method])
-    if whole or method == "classifier":
+    label = {"lomar": "an original LoMaR pretraining checkpoint", "mae": "an original MAE pretraining checkpoint",
+             "classifier": "an original finetuned classifier checkpoint",
+             "encoder": "a ViT encoder's weights without a head"}[method]
+    refuse_unused(where, label, overrides, accepted[method])
+    if whole or method in ("classifier", "encoder"):
         settings.update(overrides)
     return method, settings
 
@@ -170,9 +179,11 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
     elif method == "mae":
         _check_table(state, encoder)
         converted = mae_from_original(state)
-    else:
+    elif method == "classifier":
         converted = classifier_from_original(state, model)
-    if model is encoder and method != "classifier":  # the pretraining model's encoder alone, as LoMaR / MAE build it
+    else:  # no head to pool into fc_norm: the final norm is the encoder's own
+        converted = {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+    if model is encoder and method in ("lomar", "mae"):  # a pretraining model's encoder alone, as it builds it
         encoder.freeze_pos_embed()
         converted = {k.removeprefix("encoder."): v for k, v in converted.items() if k.startswith("encoder.")}
     try:
@@ -214,7 +225,8 @@ def _refuse_our_classifier(data: dict, path: str | os.PathLike) -> None:
 def load_original(path: str | Path, **overrides) -> nn.Module:
     """Build our model from an original LoMaR / MAE (pretraining or finetuned) checkpoint.
 
-    Returns a :class:`LoMaR`, :class:`MAE` or classifier :class:`VisionTransformer`, with
+    Returns a :class:`LoMaR`, :class:`MAE`, classifier :class:`VisionTransformer` or (of a ViT's weights without a
+    head, timm's ``num_classes=0``) encoder :class:`VisionTransformer`, with
     weights loaded strictly (the unused LoMaR ``pos_embed`` is dropped, SPEC §6.3).
     """
     if not isinstance(path, (str, os.PathLike)):  # else torch's "expected str, bytes or os.PathLike" names no argument
@@ -264,3 +276,4 @@ class OriginalReader(Reader):
 register(OriginalReader("original-mae", "mae"), 70)
 register(OriginalReader("original-classifier", "classifier"), 80)
 register(OriginalReader("original-lomar", "lomar"), 90)
+register(OriginalReader("original-encoder", "encoder"), 95)

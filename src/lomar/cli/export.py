@@ -120,7 +120,8 @@ def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
                      "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
                      "so it is not a checkpoint to --resume pretraining from.")
     add_settings(parser, {
-        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth)", kind=str, flag="", metavar="PATH", path=True),
+        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth), or a ViT's weights without a head (timm's "
+                              "num_classes=0: an encoder checkpoint)", kind=str, flag="", metavar="PATH", path=True),
         "to": S.TO.but(metavar="CKPT", help="where to write our checkpoint (.pt)"),
         "overwrite": S.OVERWRITE.but(help="replace CKPT if it exists"),
     })
@@ -135,16 +136,14 @@ def load_original_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
     out = Path(args.to)
-    try:
-        model = load_for_cli(args.path, args, original=True)
-    except UsageError:
-        _refuse_our_own(args.path)
-        raise
+    # before the load: an export's weights file has the keys of a ViT's weights without a head, which convert
+    _refuse_our_own(args.path)
+    model = load_for_cli(args.path, args, original=True)
     ckpt = pretrain_checkpoint(model, source=str(args.path))
     atomic_save(ckpt, out)
     vit = encoder_of(model).config
     params = sum(p.numel() for p in model.parameters())
-    kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
+    kind = ckpt["config"]["method"] if "config" in ckpt else "classifier" if ckpt["num_classes"] else "encoder"
     me = command_prefix(args)
     print(f"{me}: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
           f"{counted(vit.num_heads, 'head')}, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
@@ -154,9 +153,9 @@ def load_original_run(args: argparse.Namespace) -> int:
 
 
 def _refuse_our_own(path: str) -> None:
-    """UsageError where an original checkpoint failed to load because ``path`` is lomar's own (a pretraining,
-    finetune or classifier checkpoint, an export or its weights file): the library's words for it name Python calls,
-    or a strict load's missing keys, where the command's user needs no conversion at all."""
+    """UsageError where ``path`` is lomar's own (a pretraining, finetune or classifier checkpoint, an export or its
+    weights file beside its config.json), which needs no conversion: the library's words for it name Python calls,
+    or would convert an export's weights as a ViT's without a head (the same keys) and lose what config.json says."""
     from lomar.checkpoints.formats import read  # torch: not for --help
 
     try:
