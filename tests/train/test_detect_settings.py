@@ -1,11 +1,13 @@
 """`lomar detect`'s settings: a bad one is refused in one line before any folder is made, an encoder the pyramid
-cannot use is told from its shapes, and a detector checkpoint is known by its content and gives a new run its layout."""
+cannot use is told from its shapes, a trained model that is no encoder is refused before the COCO files are read, and
+a detector checkpoint is known by its content and gives a new run its layout."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
+from lomar.checkpoints.kinds import LINPROBE_FORMAT, SEGMENT_TASK
 from lomar.cli.app import main
 from lomar.models.vit import model_config
 
@@ -98,3 +100,28 @@ def test_a_new_run_from_a_detector_takes_its_layout_even_with_resume_auto(tmp_pa
                  "--out", str(tmp_path / "run"), *resume, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["img_size"], printed["window_size"]) == (256, 7) and "detector" not in printed
+
+
+@pytest.mark.parametrize("saved, refusal", [
+    ({"task": SEGMENT_TASK}, "checkpoint {path} is a whole `lomar segment` model, not an encoder; pass the encoder "
+                             "that run started from (its --pretrained), or a pretraining checkpoint or export"),
+    ({"format": LINPROBE_FORMAT}, "{path} is a linear probe on a frozen encoder; pass the encoder it probed"),
+], ids=["segmenter", "linear probe"])
+def test_a_trained_model_that_is_no_encoder_is_refused_before_the_coco_files(tiny, tmp_path, capsys, saved, refusal):
+    """A segmenter or a linear probe given as --pretrained to train on is refused from its entries, before the
+    validation file is parsed (minutes for COCO's): this broken one's error does not come first."""
+    import torch
+
+    (train_ann, train_images), _ = tiny
+    torch.save({"model": {"encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, **saved},
+               path := tmp_path / "last.pt")
+    (broken := tmp_path / "val.json").write_text("{")
+    assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                 str(broken), "--val-images", str(train_images), "--pretrained", str(path), "--img-size", "64",
+                 "--device", "cpu", "--out", str(out := tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"lomar detect: error: --pretrained {path}: {refusal.format(path=path)}\n"
+    assert not out.exists()
+    # --eval-only's refusal names the detector it scores, not an encoder to train on
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a `lomar detect` run or checkpoint" in err and "not an encoder" not in err, err

@@ -1,5 +1,6 @@
 """`lomar segment` given bad data or flags: one line naming the file or flag and the fix, images that cannot be
-decoded (a run stopped past 10%, a score over part of the validation split said), and img-size multiples."""
+decoded (a run stopped past 10%, a score over part of the validation split said), img-size multiples, and a
+detector given as the encoder (refused before the data is read)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,20 @@ def test_a_pretrained_encoders_patch_sets_the_img_size_multiple(digits, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--img-size must be a multiple of 28 (the coarsest pyramid stride: twice the " \
         f"patch size 14 of --pretrained {tmp_path / 'p14'}), got 32; e.g. 28" in err, err
+
+
+def test_a_detector_given_as_the_encoder_is_refused_before_the_data_is_read(tmp_path, capsys):
+    """Told from the checkpoint's entries, before the image/annotation pairs are listed and checked (here a folder
+    without the ADE20K layout, whose error does not come first)."""
+    import torch
+
+    from lomar.checkpoints.kinds import DETECT_FORMAT
+
+    stem = {"backbone.encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}
+    torch.save({"format": DETECT_FORMAT, "model": stem}, path := tmp_path / "last.pt")
+    (data := tmp_path / "data").mkdir()
+    assert _segment(data, out := tmp_path / "run", "--pretrained", str(path)) == 2
+    assert capsys.readouterr().err == (f"lomar segment: error: --pretrained {path}: checkpoint {path} is a whole "
+                                       f"`lomar detect` model, not an encoder; pass the encoder that run started "
+                                       f"from (its --pretrained), or a pretraining checkpoint or export\n")
+    assert not out.exists()

@@ -1,5 +1,5 @@
-"""What encoder a path holds, told before a run reads its weights: BEiT or ViT, and its patch size, so that a
-command can refuse an encoder it cannot use while checking its settings."""
+"""What encoder a path holds, told before a run reads its weights: BEiT or ViT, and its patch size, or none (a
+trained model of another kind), so that a command can refuse an encoder it cannot use while checking its settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats import identify, read
 from lomar.checkpoints.formats_beit import BEiTReader
+from lomar.checkpoints.formats_dense import DenseReader
+from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.reader import Reader, Source
 from lomar.checkpoints.sharded import sharded_outline
@@ -18,6 +20,9 @@ __all__ = ["holds_beit", "peek_encoder"]
 
 # what a checkpoint or folder that cannot be read raises here; the full read reports it
 _UNREADABLE = (OSError, ValueError, RuntimeError, RecursionError, AttributeError)
+# the readers of trained models that hold no encoder to start from (a detector, a segmenter, a linear probe), whose
+# encoder() refuses from the checkpoint's entries alone
+_WHOLE_MODELS = (DenseReader, LinprobeReader)
 
 
 def _held(path: Path) -> tuple[Reader, Source] | None:
@@ -56,10 +61,14 @@ def holds_beit(path: str | Path) -> bool:
 def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
     shape of its patch-embedding weight, no weight read; None where the path cannot be read (in no format: the full
-    read reports it), so that a caller can refuse an encoder it cannot use before reading one."""
+    read reports it), so that a caller can refuse an encoder it cannot use before reading one. ValueError, the full
+    read's, where it holds a trained model that is no encoder (a `lomar detect` or `lomar segment` checkpoint or run,
+    a `lomar linprobe --save` file)."""
     if (held := _held(Path(path))) is None:
         return None
     reader, src = held
+    if isinstance(reader, _WHOLE_MODELS):
+        reader.encoder(src, {})  # raises, naming what the file is and what to pass instead
     kind = "beit" if isinstance(reader, BEiTReader) else "vit"
     if not src.state:  # an export folder
         try:

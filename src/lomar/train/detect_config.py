@@ -161,7 +161,8 @@ class DetectConfig(TaskConfig):
     def check_settings(self) -> None:
         if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
             raise ConfigError(f"--model {self.model}: the feature pyramid needs patch size 16; use a *_patch16 model")
-        if self.pretrained and self.detector is None and not rebuilt_encoder_config(self):  # a detector's: built on one
+        # a detector's: built on one; --eval-only's: check_inputs refuses any other file as no detector
+        if self.pretrained and self.detector is None and not self.eval_only and not rebuilt_encoder_config(self):
             _check_backbone(self.pretrained)
         check_img_size(self)
         low, high = self.jitter
@@ -190,11 +191,15 @@ class DetectConfig(TaskConfig):
 
 
 def _check_backbone(pretrained: str) -> None:
-    """Refuse an encoder the detector cannot use from its config or weight shapes, before the run reads its weights
-    (seconds for a large file) and the COCO files."""
+    """Refuse an encoder the detector cannot use, or a trained model that is no encoder (a segmenter, a linear probe),
+    from its config or weight shapes, before the run reads its weights (seconds for a large file) and the COCO files
+    (minutes for COCO's)."""
     from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
 
-    kind, patch = peek_encoder(pretrained) or ("vit", None)
+    try:
+        kind, patch = peek_encoder(pretrained) or ("vit", None)
+    except ValueError as exc:
+        raise ConfigError(f"--pretrained {pretrained}: {exc}") from None
     if kind == "beit":
         raise ConfigError(f"--pretrained {pretrained}: only LoMaR / MAE ViT encoders can be detection backbones, "
                           f"not BEiT")

@@ -170,10 +170,14 @@ class SegmentConfig(TaskConfig):
 
 def pretrained_patch(pretrained: str) -> int | None:
     """The --pretrained encoder's patch size, told from its config or weight shapes before its weights or the data
-    are read (None where they cannot tell), so that --img-size is checked against it before either."""
+    are read (None where they cannot tell), so that --img-size is checked against it before either; ConfigError for a
+    trained model that is no encoder (a detector, a segmenter, a linear probe), before the data is read too."""
     from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
 
-    return (peek_encoder(pretrained) or ("vit", None))[1]
+    try:
+        return (peek_encoder(pretrained) or ("vit", None))[1]
+    except ValueError as exc:
+        raise ConfigError(f"--pretrained {pretrained}: {exc}") from None
 
 
 def segmenter_patch(checkpoint: dict) -> int | None:
