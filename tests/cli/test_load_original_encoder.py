@@ -39,3 +39,23 @@ def test_a_headless_timm_vit_converts_with_the_command_its_heads_refusal_names(t
         assert all(torch.equal(weights.state[k], v) for k, v in state.items())
         assert main(["knn", str(out), *knn]) == 0, capsys.readouterr().err
         assert "top-1" in capsys.readouterr().out
+
+
+def test_each_next_command_load_original_names_for_an_encoder_runs(tmp_path, capsys, labelled_folder):
+    """An encoder has no pixel head to reconstruct with: the next steps printed (export, knn, visualize) are each
+    commands that run on it, ROOT, DIR and IMAGE... filled in."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    state = TimmViT(img_size=32, patch_size=16, embed_dim=24, depth=1, num_heads=3, num_classes=0).state_dict()
+    torch.save(state, tmp_path / "vit.pth")
+    assert main(["load-original", str(tmp_path / "vit.pth"), "--num-heads", "3", "--to", str(tmp_path / "e.pt")]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    commands = [shlex.split(part) for part in line.split("next: ")[1].split("   |   ")]
+    assert [command[1] for command in commands] == ["export", "knn", "visualize"]
+    fill = {"DIR": [str(tmp_path / "ex")], "ROOT": [str(labelled_folder)],
+            "IMAGE...": [str(next((labelled_folder / "val" / "a").iterdir())), "--out", str(tmp_path / "figs")]}
+    for command in commands:
+        words = [part for word in command[1:] for part in fill.get(word, [word])]
+        extra = ["--device", "cpu", "--workers", "0", "--k", "2"] if command[1] == "knn" else []
+        assert main(words + extra) == 0, capsys.readouterr().err
+    assert list((tmp_path / "figs").iterdir())

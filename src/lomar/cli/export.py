@@ -147,8 +147,10 @@ def load_original_run(args: argparse.Namespace) -> int:
     me = command_prefix(args)
     print(f"{me}: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
           f"{counted(vit.num_heads, 'head')}, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
-    print(f"{me}: next: {command_line('lomar', 'export', out, '--to', 'DIR')}   |   "
-          f"{command_line('lomar', 'visualize', out, 'IMAGE...')}")
+    # a classifier or an encoder has no pixel head to reconstruct with: its figures are attention maps
+    uses = [("export", out, "--to", "DIR"), *((("visualize", out, "IMAGE..."),) if "config" in ckpt else (
+        ("knn", out, "--data", "ROOT"), ("visualize", out, "--attention", "IMAGE...")))]
+    print(f"{me}: next: " + "   |   ".join(command_line("lomar", *use) for use in uses))
     return 0
 
 
