@@ -297,11 +297,12 @@ class LabelledImageFolder(Dataset):
 
     def match_classes(self, val: LabelledImageFolder) -> None:
         """Give this training split and ``val`` one class list, by the one rule of every classification command: a
-        class is a training class folder that holds an image. A training folder without one is no class, in both
-        splits (an output never trained on would be offered by predict, and a probe's row for it untrained); each is
-        warned of by name. A held-out folder without an image stays a class with no held-out sample (warned of).
-        ValueError naming the class folders that only one split holds (labels are indices), or a held-out folder with
-        images whose training folder has none (a class nothing teaches)."""
+        class is a training class folder that holds an image this split reads (:meth:`unreadable_classes`). A
+        training folder without one is no class, in both splits (an output never trained on would be offered by
+        predict, and a probe's row for it untrained); each is warned of by name. A held-out folder without an image
+        stays a class with no held-out sample (warned of). ValueError naming the class folders that only one split
+        holds (labels are indices), or a held-out folder with images whose training folder has none that reads (a
+        class nothing teaches)."""
         if common := self.folders.keys() & val.folders.keys():  # val/cat linked to train/cat: scored on trained images
             shared = next((f"by nesting ({a} lies in {b})" for a, b in ((val.root, self.root), (self.root, val.root))
                         if a.resolve().is_relative_to(b.resolve())), "through links"), val.folders[min(common)][1]
