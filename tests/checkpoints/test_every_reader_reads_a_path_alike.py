@@ -124,7 +124,8 @@ def test_a_finished_pretraining_run_folder_is_read_as_its_export(paths, tmp_path
     folder = paths["finished"]
     export = _outcome(reader, folder / RUN_ENCODER, tmp_path / "b", folder / RUN_ENCODER)
     if reader == "predict":
-        export = export.replace("is an exported encoder, which", "is a pretraining run's folder, whose exported encoder")
+        export = export.replace("is an exported encoder, which",
+                                "is a pretraining run's folder, whose exported encoder")
     assert _outcome(reader, folder, tmp_path / "a", folder) == export
 
 

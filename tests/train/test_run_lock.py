@@ -184,7 +184,7 @@ def test_another_users_lock_file_is_refused_naming_it(tmp_path, monkeypatch):
     out.mkdir()
     (out / ".lock").write_text("pid 1 on elsewhere")
     for readable in (True, False):
-        def theirs(path, mode="r", **text):  # the tests may run as root, whom no mode stops
+        def theirs(path, mode="r", readable=readable, **text):  # the tests may run as root, whom no mode stops
             if "a" in mode or not readable:
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
             return opened(path, mode, **text)
