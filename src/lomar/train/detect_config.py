@@ -20,6 +20,7 @@ from lomar.train.encoder_settings import (
     check_pretrained,
     check_windows,
     model_only_without_pretrained,
+    pretrained_encoder,
     random_encoder_patch,
     rebuilt_encoder_config,
 )
@@ -194,12 +195,7 @@ def _check_backbone(pretrained: str) -> None:
     """Refuse an encoder the detector cannot use, or a trained model that is no encoder (a segmenter, a linear probe),
     from its config or weight shapes, before the run reads its weights (seconds for a large file) and the COCO files
     (minutes for COCO's)."""
-    from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
-
-    try:
-        kind, patch = peek_encoder(pretrained) or ("vit", None)
-    except ValueError as exc:
-        raise ConfigError(f"--pretrained {pretrained}: {exc}") from None
+    kind, patch = pretrained_encoder(pretrained)
     if kind == "beit":
         raise ConfigError(f"--pretrained {pretrained}: only LoMaR / MAE ViT encoders can be detection backbones, "
                           f"not BEiT")

@@ -12,9 +12,9 @@ from typing import Any
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
-__all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
-           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_encoder_config",
-           "REBUILT_FROM_CHECKPOINT", "names_recorded_encoder"]
+__all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "pretrained_encoder", "check_img_size",
+           "check_pretrained", "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config",
+           "rebuilt_encoder_config", "REBUILT_FROM_CHECKPOINT", "names_recorded_encoder"]
 
 # Where a checkpoint saved before model specs kept the ViTConfig of its run's encoder (finetune: the classifier's own)
 _CONFIG_BEFORE_SPECS = {"finetune": "config", "detect": "encoder_config", "segment": "encoder_config"}
@@ -44,6 +44,18 @@ def encoder_layout(config: Any) -> dict:
 def random_encoder_patch(config: Any) -> int | None:
     """The patch size of the --model a dense task builds without --pretrained (a pretrained one has its own)."""
     return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
+
+
+def pretrained_encoder(pretrained: str) -> tuple[str, int | None]:
+    """("beit" or "vit", its patch size or None) of the --pretrained encoder, told from its config or weight shapes
+    before its weights or a dense task's data are read (("vit", None) where they cannot tell); ConfigError for a trained
+    model that is no encoder (a detector, a segmenter, a linear probe)."""
+    from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
+
+    try:
+        return peek_encoder(pretrained) or ("vit", None)
+    except ValueError as exc:  # peek's refusal of a whole model names the file and what to pass instead
+        raise ConfigError(f"--pretrained {pretrained}: {exc}") from None
 
 
 def check_img_size(config: Any, patch: int | None = None) -> None:

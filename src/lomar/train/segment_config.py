@@ -19,6 +19,7 @@ from lomar.train.encoder_settings import (
     check_img_size,
     check_pretrained,
     model_only_without_pretrained,
+    pretrained_encoder,
     rebuilt_encoder_config,
 )
 from lomar.train.setting_names import setting_of, source_of
@@ -141,7 +142,9 @@ class SegmentConfig(TaskConfig):
             check_img_size(self, segmenter_patch(self.segmenter.checkpoint))
         elif not self.eval_only:  # a resume rebuilding its model reads no --pretrained: its encoder's patch
             rebuilt = rebuilt_encoder_config(self)
-            patch = rebuilt["patch_size"] if rebuilt else pretrained_patch(self.pretrained) if self.pretrained else None
+            # a --pretrained encoder's patch, told before its weights or the data are read
+            patch = (rebuilt["patch_size"] if rebuilt else pretrained_encoder(self.pretrained)[1] if self.pretrained
+                     else None)
             check_img_size(self, patch)
         # --eval-only trains nothing: its BatchNorm keeps the segmenter's statistics, each image scored on its own
         if not self.eval_only and (int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu"):
@@ -166,18 +169,6 @@ class SegmentConfig(TaskConfig):
             raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N, or 0..N-1 with --zero-label "
                               "class; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
-
-
-def pretrained_patch(pretrained: str) -> int | None:
-    """The --pretrained encoder's patch size, told from its config or weight shapes before its weights or the data
-    are read (None where they cannot tell), so that --img-size is checked against it before either; ConfigError for a
-    trained model that is no encoder (a detector, a segmenter, a linear probe), before the data is read too."""
-    from lomar.checkpoints.peek import peek_encoder  # torch: not for --help
-
-    try:
-        return (peek_encoder(pretrained) or ("vit", None))[1]
-    except ValueError as exc:
-        raise ConfigError(f"--pretrained {pretrained}: {exc}") from None
 
 
 def segmenter_patch(checkpoint: dict) -> int | None:
