@@ -181,3 +181,23 @@ def test_a_detector_given_as_the_encoder_is_refused_before_the_data_is_read(tmp_
                                        f"`lomar detect` model, not an encoder; pass the encoder that run started "
                                        f"from (its --pretrained), or a pretraining checkpoint or export\n")
     assert not out.exists()
+
+
+def test_bad_pairs_of_both_splits_are_refused_in_one_line_naming_each(digits, tmp_path, capsys):
+    """Both splits are checked whole before the refusal, so one run tells what to fix in each: of each, the first two
+    reasons in full and the others counted."""
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    named = {}
+    for split, count in (("training", 3), ("validation", 1)):
+        named[split] = sorted((root / "annotations" / split).glob("*.png"))[:count]
+        for label in named[split]:
+            label.write_bytes(b"not a png")
+    assert _segment(root, tmp_path / "run", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lomar segment: error: image/annotation pairs of training and validation cannot be used, "
+                          "each to fix or remove. In training, 3 of the ") and err.count("\n") == 1, err
+    train, val = err.split(" In validation, 1 of the ")
+    assert all(str(label) in train for label in named["training"][:2]) and str(named["training"][2]) not in err, err
+    assert train.endswith("; and 1 more pair.") and str(named["validation"][0]) in val, err
+    assert not (tmp_path / "run").exists()

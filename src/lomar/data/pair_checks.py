@@ -51,7 +51,7 @@ from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
 from lomar.values import counted, listed
 
-__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results"]
+__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results", "BadPairs", "splits_refusal"]
 
 log = logging.getLogger("lomar.data")
 # above FAT's 2 s mtime tick, the coarsest a dataset sits on: a time rounded down to it reads up to 2 s early
@@ -66,6 +66,8 @@ _CHECK_MODULES = tuple(f"lomar.data.{name}" for name in ("segmentation", "decode
 
 # the bad pairs whose messages a refusal gives in full; the others' images are named
 _SHOWN = 3
+# of each split, where several splits' are refused together: the others are counted
+_SHOWN_EACH = 2
 
 Identity = list[int]  # size, mtime_ns, ctime_ns, inode
 
@@ -166,8 +168,8 @@ def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
     """``check(image, annotation)`` of each pair, in order (its highest class id and the ids it holds, bit i for id
     i), taken from the cache for a pair whose files are unchanged since they passed; the others are checked on
     ``workers`` threads. Every pair is checked before a refusal: the pairs whose check raised ValueError are refused
-    together in one ValueError (:func:`_refusal`), so that a split with several bad files is not fixed one run of a
-    whole check at a time. The pairs that passed are kept, also when some fail."""
+    together in one :class:`BadPairs`, so that a split with several bad files is not fixed one run of a whole check at
+    a time. The pairs that passed are kept, also when some fail."""
     root = Path(root).resolve()
     header = _header(root, split)
     try:
@@ -213,17 +215,43 @@ def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
             with contextlib.suppress(OSError):  # a read-only cache folder: it is pruned by no one either
                 os.utime(path)  # used: not another's to prune
     if failures:
-        raise _refusal(failures, pairs, split)
+        raise BadPairs(split, len(pairs), [(pairs[k][0].name, message) for k, message in failures])
     return results
 
 
-def _refusal(failures: list[tuple[int, str]], pairs: list[tuple[Path, Path]], split: str) -> ValueError:
-    """One error for the pairs that failed (index in ``pairs``, the check's message): a single one's message as it is;
-    of several, the first :data:`_SHOWN` messages in full and the others' images named, with the count."""
-    if len(failures) == 1:
-        return ValueError(failures[0][1])
-    shown = " ".join(f"({n}) {message}" for n, (_, message) in enumerate(failures[:_SHOWN], 1))
-    rest = [pairs[k][0].name for k, _ in failures[_SHOWN:]]
-    more = f"; and {counted(len(rest), 'more pair')}, of images {listed(rest, 5)}" if rest else ""
-    return ValueError(f"{len(failures)} of the {len(pairs)} image/annotation pairs of {split} cannot be used, each "
-                      f"to fix or remove: {shown}{more}")
+def _shown(reasons: list[str], at_most: int) -> str:
+    return " ".join(f"({n}) {reason}" for n, reason in enumerate(reasons[:at_most], 1))
+
+
+class BadPairs(ValueError):
+    """The pairs of a split whose check failed, refused together: ``split``, its ``total`` pairs and ``failed``, (image
+    name, the check's message) of each, in order. The message: a single one's as it is; of several, the first
+    :data:`_SHOWN` in full and the others' images named, with the count."""
+
+    def __init__(self, split: str, total: int, failed: list[tuple[str, str]]):
+        self.split, self.total, self.failed = split, total, failed
+        if len(failed) == 1:
+            super().__init__(failed[0][1])
+            return
+        rest = [image for image, _ in failed[_SHOWN:]]
+        more = f"; and {counted(len(rest), 'more pair')}, of images {listed(rest, 5)}" if rest else ""
+        super().__init__(f"{len(failed)} of the {total} image/annotation pairs of {split} cannot be used, each to fix "
+                         f"or remove: {_shown([m for _, m in failed], _SHOWN)}{more}")
+
+    def __reduce__(self):  # its arguments are not its message
+        return type(self), (self.split, self.total, self.failed)
+
+
+def splits_refusal(refused: list[BadPairs]) -> ValueError:
+    """One error for the bad pairs of several splits, each checked whole first, so that one run tells them all: of
+    each split the first :data:`_SHOWN_EACH` messages in full, then the count of the others; one split's as it is."""
+    if len(refused) == 1:
+        return refused[0]
+    parts = []
+    for bad in refused:
+        rest = len(bad.failed) - _SHOWN_EACH
+        more = f"; and {counted(rest, 'more pair')}" if rest > 0 else ""
+        parts.append(f"In {bad.split}, {len(bad.failed)} of the {bad.total}: "
+                     f"{_shown([m for _, m in bad.failed], _SHOWN_EACH)}{more}.")
+    return ValueError(f"image/annotation pairs of {' and '.join(bad.split for bad in refused)} cannot be used, each "
+                      f"to fix or remove. {' '.join(parts)}")

@@ -23,6 +23,7 @@ from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import atomic_write_text, mismatch
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
+from lomar.data.pair_checks import BadPairs, splits_refusal
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
 from lomar.errors import LomarError, UsageError
@@ -87,13 +88,15 @@ class SegmentTask(Task):
         rank, world_size = info.rank, info.world_size
         self.eval_steps = config.eval_every
         workers = config.workers or 0
-        reduce_zero_label = config.zero_label == "ignore"
+        split = partial(SegmentationFolder, config.data, num_classes=config.num_classes, crop=config.img_size,
+                        workers=max(1, workers), reduce_zero_label=config.zero_label == "ignore")
+        refused: list[BadPairs] = []  # of each split, checked whole: one run tells the bad pairs of both
         if not config.eval_only:
-            self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
-                                                train=True, seed=config.seed, workers=max(1, workers),
-                                                photometric=config.photometric, reduce_zero_label=reduce_zero_label)
-        self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
-                                          train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
+            self.train_set = _checked(split, "training", refused, train=True, seed=config.seed,
+                                      photometric=config.photometric)
+        self.val_set = _checked(split, "validation", refused, train=False)
+        if refused:
+            raise splits_refusal(refused)
         self.val_folder = self.val_set.root / "images" / "validation"  # the folder a skipped image's note names
         self.class_labels = _class_labels(config)
         if info.is_main and not config.eval_only and (unseen := _untrained_classes(self)):
@@ -264,6 +267,16 @@ def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, in
     head = (f"Per-class scores (percent) of {out}'s last evaluation{at}{over}: mIoU {percent_text(m['mIoU'])}, mAcc "
             f"{percent_text(m['mAcc'])}, aAcc {percent_text(m['aAcc'])}; classes as the annotations number them\n\n")
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
+
+
+def _checked(split, name: str, refused: list[BadPairs], **kwargs) -> SegmentationFolder | None:
+    """``split(name, **kwargs)``, the split built; None where its bad pairs are refused, the refusal added to
+    ``refused`` so that the next split is checked too."""
+    try:
+        return split(name, **kwargs)
+    except BadPairs as bad:
+        refused.append(bad)
+        return None
 
 
 def _starting_encoder(model: str, pretrained: str | None, rel_pos: str, layout: dict) -> tuple[VisionTransformer, str]:
