@@ -14,7 +14,11 @@ from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers, wri
 from lomar.checkpoints.file_names import CONFIG_NAME, FITTED_TOKENIZER
 from lomar.checkpoints.io import atomic_write_bytes, write_error
 
-__all__ = ["write_export"]
+__all__ = ["write_export", "WEIGHTS_MARK"]
+
+# The weights file's own safetensors metadata: copied out of its folder, it still says that a config.json (its heads,
+# image size, windows) went with it, which its keys (a ViT's without a head) cannot tell from timm's weights
+WEIGHTS_MARK = {"format": "pt", "lomar_config": CONFIG_NAME}
 
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
@@ -31,7 +35,8 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
         raise NotADirectoryError(f"{out} is a file, not a folder: an export is a folder (config.json + weights); "
                                  f"pass a folder path")
-    contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
+    contents = {weights_name: save(state, metadata=WEIGHTS_MARK),
+                CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     with export_lock(out) as locked:
         tag = writer_tag()  # this writer's own names: another's, of the same PID on another machine, stay apart
         new = {name: out / f".{name}.new-{tag}" for name in contents}
