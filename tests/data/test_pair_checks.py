@@ -272,3 +272,13 @@ def test_a_cache_file_of_the_format_without_the_ids_held_is_checked_again_withou
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
     assert f"{path}: checked with another format" in caplog.text
     assert len(json.loads(path.read_text())["pairs"]["a.jpg"]) == 5  # rewritten in the format read
+
+
+def test_a_refusal_of_bad_pairs_keeps_its_pairs_through_a_pickle():
+    """A process that hands the error on (a pool's worker, a study cell's) pickles it: its arguments are not its
+    message, so a plain ValueError subclass would not unpickle."""
+    import pickle
+
+    refused = pair_checks.BadPairs("training", 8, [("a.jpg", "annotation a.png cannot be read"), ("b.jpg", "too big")])
+    copy = pickle.loads(pickle.dumps(refused))
+    assert (copy.split, copy.total, copy.failed, str(copy)) == (refused.split, 8, refused.failed, str(refused))
