@@ -182,3 +182,21 @@ def test_an_original_of_heads_its_shapes_do_not_tell_names_its_file_in_the_conve
                                                         depth=2, num_heads=2, pos="abs")).state_dict()}, path)
     with pytest.raises(ValueError, match=f"convert it first: lomar load-original {path} --num-heads N --to FILE$"):
         load_original(path)
+
+
+def test_a_vit_without_a_head_pooled_into_fc_norm_loads_as_an_encoder_whose_final_norm_starts_as_identity(
+        tmp_path, caplog):
+    """timm's num_classes=0 under global_pool='avg' keeps fc_norm and no final norm: the encoder load_original gives
+    has every other weight, fc_norm left out (no head follows it) and a final norm that changes nothing, said."""
+    config = model_config("vit_tiny_patch16", img_size=32, pos="abs", embed_dim=24, depth=1, num_heads=3)
+    state = {k: v for k, v in VisionTransformer(config, num_classes=2).state_dict().items()
+             if not k.startswith("head.")}
+    assert "fc_norm.weight" in state and "norm.weight" not in state
+    torch.save(state, tmp_path / "avg.pth")
+    with caplog.at_level(logging.WARNING, logger="lomar.checkpoints"):
+        model = load_original(tmp_path / "avg.pth", num_heads=3)
+    assert isinstance(model, VisionTransformer) and model.num_classes == 0
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc_norm."))
+    assert torch.equal(own["norm.weight"], torch.ones(24)) and torch.equal(own["norm.bias"], torch.zeros(24))
+    assert "its fc_norm (timm's global_pool='avg' norm after pooling, which no head follows) is left out" in caplog.text

@@ -181,8 +181,8 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
         converted = mae_from_original(state)
     elif method == "classifier":
         converted = classifier_from_original(state, model)
-    else:  # no head to pool into fc_norm: the final norm is the encoder's own
-        converted = {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+    else:
+        converted = _encoder_state(state, model, path)
     if model is encoder and method in ("lomar", "mae"):  # a pretraining model's encoder alone, as it builds it
         encoder.freeze_pos_embed()
         converted = {k.removeprefix("encoder."): v for k, v in converted.items() if k.startswith("encoder.")}
@@ -193,6 +193,20 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
         raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
                          f"pass overrides to load_original") from exc
     return model
+
+
+def _encoder_state(state: dict, model: VisionTransformer, path: Path) -> dict:
+    """A ViT's weights without a head, under ``model``'s names. timm's ``num_classes=0`` under ``global_pool='avg'``
+    keeps ``fc_norm`` (the norm after pooling) and no final norm: as every reader of such weights takes them (a
+    classifier's as a plain encoder), its final norm starts as identity and ``fc_norm``, which no head follows, is left
+    out, said in a warning."""
+    converted = {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+    if "fc_norm.weight" not in converted or "norm.weight" in converted:
+        return converted
+    log.warning("%s: its fc_norm (timm's global_pool='avg' norm after pooling, which no head follows) is left out; it "
+                "holds no final norm, which the encoder starts as identity", path)
+    kept = {k: v for k, v in converted.items() if not k.startswith("fc_norm.")}
+    return {**kept, **{f"norm.{k}": v for k, v in model.norm.state_dict().items()}}
 
 
 def _check_table(state: dict, encoder: VisionTransformer) -> None:
