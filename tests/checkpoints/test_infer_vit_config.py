@@ -29,3 +29,14 @@ def test_the_input_channels_are_the_patch_embeddings():
     state = VisionTransformer(ViTConfig(img_size=16, patch_size=8, in_chans=1, embed_dim=16, depth=1,
                                         num_heads=2)).state_dict()
     assert infer_vit_config(state, {"img_size": 16}, num_heads=2).in_chans == 1
+
+
+def test_a_position_table_without_a_cls_token_is_refused_as_a_vit_without_a_class_token(tmp_path):
+    """timm's class_token=False: a 4x4 grid's table of 16 entries, read as cls + 15 patches, would be 'not a square
+    grid'; the file is named with what it lacks, before its heads are asked for."""
+    state = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3,
+                                        pos="abs")).state_dict()
+    state = {k: v[:, 1:] if k == "pos_embed" else v for k, v in state.items() if k != "cls_token"}
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'vit.pth'} holds a position table but no cls_token: a ViT "
+                                         rf"without a class token \(timm's class_token=False\)"):
+        infer_vit_config(state, {}, tmp_path / "vit.pth")
