@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lomar import MAE, LoMaR, lomar_to_original, model_config
+from lomar import MAE, LoMaR, export_encoder, lomar_to_original, model_config
 from lomar.checkpoints.convert import export_model
 from lomar.checkpoints.formats import encoder_weights
 from lomar.checkpoints.kinds import PRETRAIN_FORMAT, SEGMENT_TASK
@@ -200,3 +200,13 @@ def test_a_vit_without_a_head_pooled_into_fc_norm_loads_as_an_encoder_whose_fina
     assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc_norm."))
     assert torch.equal(own["norm.weight"], torch.ones(24)) and torch.equal(own["norm.bias"], torch.zeros(24))
     assert "its fc_norm (timm's global_pool='avg' norm after pooling, which no head follows) is left out" in caplog.text
+
+
+def test_load_original_refuses_an_exports_weights_file_beside_its_config_naming_the_folder(tmp_path):
+    """An export's weights have the keys of a ViT's without a head, which load_original reads as an encoder: beside its
+    config.json (which says what the weights cannot) the file is lomar's own, and the folder is named."""
+    export_encoder(VisionTransformer(model_config("vit_tiny_patch16", img_size=32, embed_dim=24, depth=1,
+                                                  num_heads=3)), tmp_path / "ex")
+    with pytest.raises(ValueError, match=r"model\.safetensors is the weights file of the `lomar export` folder .*ex, "
+                                         r"lomar's own: it needs no conversion; lomar\.create_encoder\("):
+        load_original(tmp_path / "ex" / "model.safetensors", num_heads=3)

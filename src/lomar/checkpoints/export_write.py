@@ -1,6 +1,6 @@
 """An export's two files written as one change: the safetensors weights and config.json swapped in together under
 the folder's lock (:func:`export_leftovers.export_lock`), so that a reader never finds new weights beside an old
-config.json."""
+config.json; and the export folder a weights file goes with, which its reader reads instead."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 from safetensors.torch import save
 
 from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers, writer_tag
-from lomar.checkpoints.file_names import CONFIG_NAME, FITTED_TOKENIZER
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, FITTED_TOKENIZER, RUN_ENCODER
 from lomar.checkpoints.io import atomic_write_bytes, write_error
 
-__all__ = ["write_export", "WEIGHTS_MARK"]
+__all__ = ["write_export", "WEIGHTS_MARK", "export_folder_of"]
 
 # The weights file's own safetensors metadata: copied out of its folder, it still says that a config.json (its heads,
 # image size, windows) went with it, which its keys (a ViT's without a head) cannot tell from timm's weights
@@ -80,3 +80,22 @@ def _previous_weights(out: Path, weights_name: str) -> list[Path]:
         return []
     named = isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors")
     return [out / name] if named and name not in (weights_name, FITTED_TOKENIZER) and (out / name).is_file() else []
+
+
+def export_folder_of(path: Path) -> Path | None:
+    """The export folder whose config.json names the file ``path`` as its weights, else None. Read alone, such a
+    file loses what only config.json says (the image size an RPE encoder was trained at, its ViTDet windows), and
+    a BEiT export's weights are in no checkpoint format."""
+    config = path.parent / CONFIG_NAME
+    if path.suffix != ".safetensors" or not path.is_file() or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):  # not an export's: the file is read on its own
+        return None
+    if not isinstance(data, dict):
+        return None
+    beit = data.get("method") == "beit"
+    if not beit and not str(data.get("architecture", "")).startswith("lomar_"):
+        return None
+    return path.parent if data.get("weights", RUN_ENCODER if beit else ENCODER_WEIGHTS) == path.name else None

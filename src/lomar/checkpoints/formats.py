@@ -18,7 +18,6 @@ finetune``: ``config``, a classifier checkpoint: ``vit_config``); the shapes of 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +31,8 @@ import lomar.checkpoints.formats_dense  # noqa: F401  registers the dense models
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import export_set_aside, readable_file
-from lomar.checkpoints.export_write import WEIGHTS_MARK
-from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
+from lomar.checkpoints.export_write import WEIGHTS_MARK, export_folder_of
+from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
@@ -303,25 +302,6 @@ register(VitReader(), 20)
 register(ExportReader(), 30)
 
 
-def _export_folder_of(path: Path) -> Path | None:
-    """The export folder whose config.json names the file ``path`` as its weights, else None. Read alone, such a
-    file loses what only config.json says (the image size an RPE encoder was trained at, its ViTDet windows), and
-    a BEiT export's weights are in no checkpoint format."""
-    config = path.parent / CONFIG_NAME
-    if path.suffix != ".safetensors" or not path.is_file() or not config.is_file():
-        return None
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError, RecursionError):  # not an export's: the file is read on its own
-        return None
-    if not isinstance(data, dict):
-        return None
-    beit = data.get("method") == "beit"
-    if not beit and not str(data.get("architecture", "")).startswith("lomar_"):
-        return None
-    return path.parent if data.get("weights", RUN_ENCODER if beit else ENCODER_WEIGHTS) == path.name else None
-
-
 def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     """Load what ``path`` names once and :func:`identify` it (``mmap``: map a checkpoint's tensors instead of reading
     them, enough to tell its format). A run folder without an export is its best.pt, else last.pt, else the
@@ -339,7 +319,7 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
                                                       "`lomar pretrain`"))
         reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
-    if (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
+    if (folder := export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
         return read(folder)
     try:
         data = safe_load(path, mmap=mmap)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lomar.checkpoints.export_write import export_folder_of
 from lomar.checkpoints.io import check_finite, differences, safe_load
 from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
@@ -246,6 +247,9 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
     if not isinstance(path, (str, os.PathLike)):  # else torch's "expected str, bytes or os.PathLike" names no argument
         raise TypeError(f"load_original takes the checkpoint's path (a str or Path), got {type(path).__name__} "
                         f"{path!r}")
+    if (folder := export_folder_of(Path(path))) is not None:  # its keys are those of a ViT's weights without a head
+        raise ValueError(f"{path} is the weights file of the `lomar export` folder {folder}, lomar's own: it needs no "
+                         f"conversion; lomar.create_encoder({str(folder)!r}) reads the folder")
     data = safe_load(path)
     _refuse_our_classifier(data, path)
     model = _original_model(data, Path(path), overrides)
