@@ -116,9 +116,11 @@ def _refuse_existing(out: Path, names: tuple[str, ...], overwrite: bool) -> None
 
 
 def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("The output is our pretraining checkpoint ({model, config}): use it with `lomar export`, "
-                     "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
-                     "so it is not a checkpoint to --resume pretraining from.")
+    parser.epilog = ("The output is our pretraining checkpoint ({model, config}), or of a finetuned classifier or a "
+                     "ViT's weights without a head our classifier / encoder checkpoint: use it with `lomar export`, "
+                     "`lomar visualize` (an encoder's attention with --attention) or as `--pretrained` for "
+                     "finetuning, knn and linprobe. It holds no optimizer state, so it is not a checkpoint to "
+                     "--resume pretraining from.")
     add_settings(parser, {
         "path": Setting(None, "original LoMaR / MAE checkpoint (.pth), or a ViT's weights without a head (timm's "
                               "num_classes=0: an encoder checkpoint)", kind=str, flag="", metavar="PATH", path=True),
