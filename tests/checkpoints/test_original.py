@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lomar import MAE, LoMaR, export_encoder, lomar_to_original, model_config
 from lomar.checkpoints.convert import export_model
-from lomar.checkpoints.formats import encoder_weights
+from lomar.checkpoints.formats import encoder_weights, load_model
 from lomar.checkpoints.kinds import PRETRAIN_FORMAT, SEGMENT_TASK
 from lomar.checkpoints.original import infer_original_config, load_original
 from lomar.eval.features import load_pretrained_encoder
@@ -210,3 +210,16 @@ def test_load_original_refuses_an_exports_weights_file_beside_its_config_naming_
     with pytest.raises(ValueError, match=r"model\.safetensors is the weights file of the `lomar export` folder .*ex, "
                                          r"lomar's own: it needs no conversion; lomar\.create_encoder\("):
         load_original(tmp_path / "ex" / "model.safetensors", num_heads=3)
+
+
+def test_an_original_rpe_encoder_without_its_pretraining_parts_is_read_as_the_encoder(tmp_path):
+    """An original LoMaR encoder's weights (its iRPE tables under the original's names) without the mask token and
+    pixel head: no pretraining model holds them, so load_model gives the encoder, its weights those given."""
+    state = {k: v for k, v in lomar_to_original(LoMaR(model_config("vit_tiny_patch16", **TINY)).state_dict()).items()
+             if not k.startswith(("mask_token", "encoder_pred."))}
+    torch.save({"model": state}, tmp_path / "enc.pth")
+    model = load_model(tmp_path / "enc.pth")
+    assert type(model) is VisionTransformer and model.num_classes == 0 and model.config.pos == "rpe"
+    own = model.state_dict()
+    assert torch.equal(own["blocks.1.attn.rpe.table"], state["blocks.1.attn.rpe_k.lookup_table_weight"])
+    assert torch.equal(own["norm.weight"], state["norm.weight"])
