@@ -14,12 +14,7 @@ from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers, wri
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, FITTED_TOKENIZER, RUN_ENCODER
 from lomar.checkpoints.io import atomic_write_bytes, write_error
 
-__all__ = ["write_export", "WEIGHTS_MARK", "export_folder_of"]
-
-# The weights file's own safetensors metadata: copied out of its folder, it still says that a config.json (its heads,
-# image size, windows) went with it, which its keys (a ViT's without a head) cannot tell from timm's weights
-WEIGHTS_MARK = {"format": "pt", "lomar_config": CONFIG_NAME}
-
+__all__ = ["write_export", "export_folder_of"]
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
     """Write ``state`` as safetensors and ``config`` as config.json into ``out`` as one change: a reader finds the
@@ -35,8 +30,9 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
         raise NotADirectoryError(f"{out} is a file, not a folder: an export is a folder (config.json + weights); "
                                  f"pass a folder path")
-    contents = {weights_name: save(state, metadata=WEIGHTS_MARK),
-                CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
+    # no safetensors metadata: its keys are written in hash order, which differs between processes, and an export's
+    # bytes are the same for the same weights (a checksum of released weights, a two-process run's export compared)
+    contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     with export_lock(out) as locked:
         tag = writer_tag()  # this writer's own names: another's, of the same PID on another machine, stay apart
         new = {name: out / f".{name}.new-{tag}" for name in contents}

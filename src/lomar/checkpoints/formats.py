@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import lomar.checkpoints.formats_beit  # noqa: F401  registers BEiT's readers
@@ -31,7 +30,7 @@ import lomar.checkpoints.formats_dense  # noqa: F401  registers the dense models
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import export_set_aside, readable_file
-from lomar.checkpoints.export_write import WEIGHTS_MARK, export_folder_of
+from lomar.checkpoints.export_write import export_folder_of
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
@@ -149,30 +148,10 @@ def _checked_config(src: Source, key: str, num_heads: int | None) -> ViTConfig:
 
 
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
-    """The encoder's config from its shapes and the sizes its run saved (an original checkpoint's ``args``). ValueError
-    where they do not tell it, naming the config.json an export's weights file (:func:`_export_weights_alone`) was
-    written with, which does."""
+    """The encoder's config from its shapes and the sizes its run saved (an original checkpoint's ``args``)."""
     hints = args_dict(src.data, ("config", "vit_config", "args"))
     hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and is_size(v)}
-    try:
-        return infer_vit_config(src.state, hints, src.path, **overrides)
-    except ValueError as exc:
-        if not _export_weights_alone(src.path):
-            raise
-        raise ValueError(f"{src.path} is the weights file of a `lomar export` folder, read without the {CONFIG_NAME} "
-                         f"written beside it, which tells what its weights cannot: pass that folder, or put its "
-                         f"{CONFIG_NAME} back beside the file; read alone, {exc}") from None
-
-
-def _export_weights_alone(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file that an export wrote (its metadata says so) read without its folder's
-    config.json: a ViT's weights without a head have the keys of timm's (``num_classes=0``)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:  # no safetensors file (torch.save's): safetensors' own error type is not a ValueError
-        return False
-    return metadata.get("lomar_config") == WEIGHTS_MARK["lomar_config"]
+    return infer_vit_config(src.state, hints, src.path, **overrides)
 
 
 def _unknown_grid(src: Source) -> ValueError:
