@@ -3,8 +3,9 @@ class holds a readable image (:meth:`lomar.data.folder.LabelledImageFolder.unrea
 
 A JPEG decoded at 1/8 (libjpeg's DCT scaling, Pillow's ``draft``) still entropy-decodes its whole scan: only the
 inverse transform is smaller, so a 4000x3000 photo checks 2-6x faster than its full decode (entropy decoding is
-the floor: slowest on a textured photo's dense data), and a file cut short fails as the full decode fails. Pillow raises on a JPEG whose data runs out ("image file is truncated"; lomar never
-sets ``LOAD_TRUNCATED_IMAGES``); a JPEG cut short and then closed by an EOI marker, which libjpeg fills grey, is
+the floor: slowest on a textured photo's dense data), and a file cut short fails as the full decode fails. Pillow
+raises on a JPEG whose data runs out ("image file is truncated"; lomar never sets ``LOAD_TRUNCATED_IMAGES``); a JPEG
+cut short and then closed by an EOI marker, which libjpeg fills grey, is
 decoded with that marker replaced by zero bytes (:func:`lomar.data.jpeg_cut.unclosed`), so it runs out of data too.
 Wherever this decode fails or is not taken (a PNG, a CMYK JPEG, a file Pillow cannot open), the full decode
 (:func:`lomar.data.decode.decode_bytes`) gives the verdict and the error: a check fails exactly where
