@@ -65,12 +65,12 @@ class RunLock:
             owner = held.owner.removesuffix(f" on {socket.gethostname()}")  # a PID of this machine, as ps shows it
             raise UsageError(f"{self.given} is in use by another run ({owner}); wait for it to end "
                              f"or pass another --out") from None
-        except PermissionError as exc:
-            if os.fspath(exc.filename or "") != str(lock) or not os.path.lexists(lock):  # the folder's, not the file's
-                raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
-            raise UsageError(f"{self.given}: {lock} is another user's lock file, which this run cannot write its name "
-                             f"in ({exc.strerror}); have it removed, or pass another --out") from None
         except OSError as exc:
+            # a lock file there that this user cannot open for writing; else the folder's error
+            if isinstance(exc, PermissionError) and os.fspath(exc.filename or "") == str(lock) and \
+                    os.path.lexists(lock):
+                raise UsageError(f"{self.given}: {lock} is another user's lock file, which this run cannot write its "
+                                 f"name in ({exc.strerror}); have it removed, or pass another --out") from None
             raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
         self.handle, self.taken = handle, True
         if handle is not None:
