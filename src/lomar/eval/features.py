@@ -99,7 +99,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # a run folder without an export (finetune's, or a pretraining stopped by a signal): the checkpoint every reader
     # reads of it, named here for the note on a stopped run; read() is given the path itself, whose refusal of a run
     # folder's damaged best.pt names its last.pt
-    unfinished = (path := readable_file(given := Path(path))) != given
+    given = Path(path)
+    path = readable_file(given)
+    unfinished = path != given
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
