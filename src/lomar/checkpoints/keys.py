@@ -20,7 +20,7 @@ from lomar.values import as_sides, command_line, is_size
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
-           "encoder_keys", "position_encoding", "args_dict", "infer_vit_config"]
+           "vit_from_original", "encoder_keys", "position_encoding", "args_dict", "infer_vit_config"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
@@ -76,6 +76,12 @@ def classifier_from_original(state: dict[str, torch.Tensor], model: VisionTransf
     where ``model`` pools patch tokens into ``fc_norm``; a cls-token classifier's head reads that norm)."""
     if model.global_pool == "avg":
         state, _ = drop_final_norm(state)
+    return vit_from_original(state, model)
+
+
+def vit_from_original(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """An original ViT's keys -> ``model``'s: RPE renamed, ``pos_embed`` dropped where ``model`` has no table (an RPE
+    encoder's unused one)."""
     return {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
 
 

@@ -22,6 +22,7 @@ from lomar.checkpoints.keys import (
     lomar_from_original,
     mae_from_original,
     rename_rpe,
+    vit_from_original,
 )
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT, classifier_pool
@@ -201,7 +202,7 @@ def _encoder_state(state: dict, model: VisionTransformer, path: Path) -> dict:
     keeps ``fc_norm`` (the norm after pooling) and no final norm: as every reader of such weights takes them (a
     classifier's as a plain encoder), its final norm starts as identity and ``fc_norm``, which no head follows, is left
     out, said in a warning."""
-    converted = {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+    converted = vit_from_original(state, model)
     if "fc_norm.weight" not in converted or "norm.weight" in converted:
         return converted
     log.warning("%s: its fc_norm (timm's global_pool='avg' norm after pooling, which no head follows) is left out; it "
