@@ -198,7 +198,7 @@ class LabelledImageFolder(Dataset):
 
     def __init__(self, root: str | Path, transform=None, load=None, check=None):
         self.root, self.transform, self.load = Path(root), transform, load or load_image  # looked up now, not at import
-        self.check = check or (load if load else check_image)
+        self.check = check or load or check_image
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
             raise ValueError(not_a_class_root(self.root))
