@@ -309,6 +309,29 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     return identify(path, data)
 
 
+def read_mapped(path: str | Path) -> tuple[Reader, Source]:
+    """:func:`read` with a checkpoint file's tensors mapped, not read (enough for its format and small entries); a
+    file torch cannot map is read whole. A failure that is not the mapping's (a folder, a file that maps but is in no
+    format) is raised as it is, not read again to fail alike."""
+    try:
+        return read(path, mmap=True)
+    except ValueError:
+        file = readable_file(Path(path))
+        if file.is_dir() or _maps(file):
+            raise
+        return read(path)
+
+
+def _maps(path: Path) -> bool:
+    """Whether torch maps the checkpoint file ``path`` (a mapped load reads its small entries, no tensor): not one in
+    its legacy (non-zip) format, nor one on a filesystem without mmap (some network mounts: ENODEV)."""
+    try:
+        safe_load(path, mmap=True)
+    except ValueError:
+        return False
+    return True
+
+
 def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
     """The reader of the checkpoint ``data`` loaded from the file ``path`` (held by a caller that read it already:
     it is not read again), and its source. ValueError naming a checkpoint in no format lomar reads."""

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME
-from lomar.checkpoints.formats import identify, read
+from lomar.checkpoints.formats import identify, read_mapped
 from lomar.checkpoints.formats_beit import BEiTReader
 from lomar.checkpoints.formats_dense import DenseReader
 from lomar.checkpoints.formats_probe import LinprobeReader
-from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.reader import Reader, Source
 from lomar.checkpoints.sharded import sharded_outline
 
@@ -33,24 +32,9 @@ def _held(path: Path) -> tuple[Reader, Source] | None:
         path = readable_file(path)  # read as load_pretrained_encoder reads it
         if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
             return identify(path, sharded_outline(path))
-        try:
-            return read(path, mmap=True)
-        except ValueError:
-            if path.is_dir() or _maps(path):  # what failed was not the mapping: a whole read tells no more
-                raise
-            return read(path)
+        return read_mapped(path)
     except _UNREADABLE:
         return None
-
-
-def _maps(path: Path) -> bool:
-    """Whether torch maps the checkpoint file ``path`` (a mapped load reads its small entries, no tensor): not one in
-    its legacy (non-zip) format, nor one on a filesystem without mmap (some network mounts: ENODEV)."""
-    try:
-        safe_load(path, mmap=True)
-    except ValueError:
-        return False
-    return True
 
 
 def holds_beit(path: str | Path) -> bool:

@@ -94,13 +94,10 @@ def _label_names(path: str, rows: int) -> dict:
     """config.json's ``label_names`` (timm's key) for a classifier's head of ``rows`` rows: the class names its
     checkpoint (a `lomar finetune` one) or export saved, so that a reader keeps the head only for the same classes;
     {} where it saved none. UsageError where they cannot name the rows."""
-    from lomar.checkpoints.formats import read, saved_class_names  # torch: not for --help
+    from lomar.checkpoints.formats import read_mapped, saved_class_names  # torch: not for --help
     from lomar.data.class_names import names_problem  # numpy: not for --help
 
-    try:
-        _, src = read(path, mmap=True)  # the weights mapped, not read again
-    except ValueError:  # torch's legacy format cannot be mapped (a finetune checkpoint re-saved in it): read it whole
-        _, src = read(path)
+    _, src = read_mapped(path)  # the weights mapped, not read again
     names = saved_class_names(src)
     if names is None:
         return {}
