@@ -3,6 +3,7 @@ cache file that cannot be trusted is ignored with a warning."""
 
 import json
 import os
+import pickle
 import time
 
 import numpy as np
@@ -282,3 +283,28 @@ def test_a_refusal_of_bad_pairs_keeps_its_pairs_through_a_pickle():
     refused = pair_checks.BadPairs("training", 8, [("a.jpg", "annotation a.png cannot be read"), ("b.jpg", "too big")])
     copy = pickle.loads(pickle.dumps(refused))
     assert (copy.split, copy.total, copy.failed, str(copy)) == (refused.split, 8, refused.failed, str(refused))
+
+
+def test_a_class_id_above_the_classes_is_refused_with_the_bad_pairs_of_its_split(tmp_path, decodes):
+    """Both told in one error, from the one decode of each annotation: the class id the split's own reason, first."""
+    root = _folder(tmp_path, tops=(1, 9, 1))
+    (labels := root / "annotations" / "training").joinpath("c.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError) as refused:
+        _build(root)
+    message = str(refused.value)
+    assert message.startswith(f"annotation {labels / 'b.png'} holds class id 9, above --num-classes 2 "), message
+    assert f"; and annotation {labels / 'c.png'} cannot be read" in message and "\n" not in message, message
+    assert sorted(decodes) == ["a.png", "b.png", "c.png"]
+
+
+def test_the_refusal_of_several_splits_names_each_splits_own_reason_first():
+    bad = pair_checks.BadPairs("training", 8, [(f"{s}.jpg", f"annotation {s}.png cannot be read") for s in "abc"])
+    refusal = str(pair_checks.splits_refusal([
+        pair_checks.BadSplit("training", "annotation x.png holds class id 9, above --num-classes 2", bad),
+        pair_checks.BadSplit("validation", "/d/images/validation is not a folder")]))
+    assert refusal == ("training and validation cannot be used, each to fix. In training (3 of its 8 image/annotation "
+                       "pairs bad): (1) annotation x.png holds class id 9, above --num-classes 2 (2) annotation a.png "
+                       "cannot be read; and 2 more pairs. In validation: /d/images/validation is not a folder.")
+    copy = pickle.loads(pickle.dumps(pair_checks.BadSplit("training", "why", bad)))
+    assert (copy.split, copy.reason, copy.pairs.failed, str(copy)) == ("training", "why", bad.failed,
+                                                                       "why; and " + str(bad))

@@ -201,3 +201,23 @@ def test_bad_pairs_of_both_splits_are_refused_in_one_line_naming_each(digits, tm
     assert all(str(label) in train for label in named["training"][:2]) and str(named["training"][2]) not in err, err
     assert train.endswith("; and 1 more pair.") and str(named["validation"][0]) in val, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_refused_as_a_whole_is_named_with_the_other_splits_problems(digits, tmp_path, capsys):
+    """A class id above --num-classes in training (with a bad pair besides) and a validation split without its
+    annotations folder: one run names all three."""
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    high, corrupt = sorted((root / "annotations" / "training").glob("*.png"))[:2]
+    Image.fromarray(np.full((32, 32), 11, np.uint8)).save(high)
+    corrupt.write_bytes(b"not a png")
+    shutil.rmtree(root / "annotations" / "validation")
+    assert _segment(root, tmp_path / "run", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lomar segment: error: training and validation cannot be used, each to fix. In training (1 "
+                          "of its ") and err.count("\n") == 1, err
+    train, val = err.split(" In validation: ")
+    assert f"(1) annotation {high} holds class id 11, above --num-classes 10" in train, err
+    assert f"(2) annotation {corrupt} cannot be read" in train, err
+    assert val.startswith(f"{root / 'annotations' / 'validation'} is not a folder"), err
+    assert not (tmp_path / "run").exists()

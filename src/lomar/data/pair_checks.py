@@ -51,7 +51,7 @@ from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
 from lomar.values import counted, listed
 
-__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results", "BadPairs", "splits_refusal"]
+__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results", "BadPairs", "BadSplit", "splits_refusal"]
 
 log = logging.getLogger("lomar.data")
 # above FAT's 2 s mtime tick, the coarsest a dataset sits on: a time rounded down to it reads up to 2 s early
@@ -164,12 +164,14 @@ def _write(path: Path, header: dict, pairs: dict[str, list]) -> None:
 
 
 def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
-                 check: Callable[[Path, Path], tuple[int, int]], workers: int) -> list[tuple[int, int]]:
+                 check: Callable[[Path, Path], tuple[int, int]],
+                 workers: int) -> tuple[list[tuple[int, int] | None], BadPairs | None]:
     """``check(image, annotation)`` of each pair, in order (its highest class id and the ids it holds, bit i for id
-    i), taken from the cache for a pair whose files are unchanged since they passed; the others are checked on
-    ``workers`` threads. Every pair is checked before a refusal: the pairs whose check raised ValueError are refused
-    together in one :class:`BadPairs`, so that a split with several bad files is not fixed one run of a whole check at
-    a time. The pairs that passed are kept, also when some fail."""
+    i; None for a pair whose check raised ValueError), taken from the cache for a pair whose files are unchanged since
+    they passed; the others are checked on ``workers`` threads. Every pair is checked: those that failed are gathered
+    in one :class:`BadPairs` (None when none did), for the caller to refuse with what it finds in the others, so that
+    a split with several bad files is not fixed one run of a whole check at a time. The pairs that passed are kept,
+    also when some fail."""
     root = Path(root).resolve()
     header = _header(root, split)
     try:
@@ -214,9 +216,8 @@ def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
         elif path and known:
             with contextlib.suppress(OSError):  # a read-only cache folder: it is pruned by no one either
                 os.utime(path)  # used: not another's to prune
-    if failures:
-        raise BadPairs(split, len(pairs), [(pairs[k][0].name, message) for k, message in failures])
-    return results
+    bad = BadPairs(split, len(pairs), [(pairs[k][0].name, message) for k, message in failures]) if failures else None
+    return results, bad
 
 
 def _shown(reasons: list[str], at_most: int) -> str:
@@ -242,16 +243,42 @@ class BadPairs(ValueError):
         return type(self), (self.split, self.total, self.failed)
 
 
-def splits_refusal(refused: list[BadPairs]) -> ValueError:
-    """One error for the bad pairs of several splits, each checked whole first, so that one run tells them all: of
-    each split the first :data:`_SHOWN_EACH` messages in full, then the count of the others; one split's as it is."""
+class BadSplit(ValueError):
+    """A split refused as a whole: ``reason``, what is wrong with it (its folders' layout, a class id above those
+    asked for), and ``pairs``, the bad pairs its check found besides (None where none were, or none were checked).
+    The message: ``reason`` alone, or followed by the pairs'."""
+
+    def __init__(self, split: str, reason: str, pairs: BadPairs | None = None):
+        self.split, self.reason, self.pairs = split, reason, pairs
+        super().__init__(reason if pairs is None else f"{reason}; and {pairs}")
+
+    def __reduce__(self):  # its arguments are not its message
+        return type(self), (self.split, self.reason, self.pairs)
+
+
+def _part(bad: BadPairs | BadSplit, noun: str) -> str:
+    """What one split's refusal says among several: its reasons, the split's own first, :data:`_SHOWN_EACH` of them
+    in full and the other pairs counted."""
+    pairs = bad.pairs if isinstance(bad, BadSplit) else bad
+    reasons = ([bad.reason] if isinstance(bad, BadSplit) else []) + [m for _, m in (pairs.failed if pairs else ())]
+    rest = len(reasons) - _SHOWN_EACH
+    more = f"; and {counted(rest, 'more pair')}" if rest > 0 else ""
+    shown = _shown(reasons, _SHOWN_EACH)
+    if isinstance(bad, BadSplit):
+        bad_pairs = f" ({len(pairs.failed)} of its {pairs.total} image/annotation pairs bad)" if pairs else ""
+        return f"In {bad.split}{bad_pairs}: {shown if len(reasons) > 1 else bad.reason}{more}."
+    return f"In {bad.split}, {len(bad.failed)} of the {bad.total}{noun}: {shown}{more}."
+
+
+def splits_refusal(refused: list[BadPairs | BadSplit]) -> ValueError:
+    """One error for what is wrong with several splits, each checked whole first, so that one run tells it all: of
+    each split its own reason (:class:`BadSplit`) and its bad pairs' messages, the first :data:`_SHOWN_EACH` of them
+    in full, then the count of the others; one split's as it is."""
     if len(refused) == 1:
         return refused[0]
-    parts = []
-    for bad in refused:
-        rest = len(bad.failed) - _SHOWN_EACH
-        more = f"; and {counted(rest, 'more pair')}" if rest > 0 else ""
-        parts.append(f"In {bad.split}, {len(bad.failed)} of the {bad.total}: "
-                     f"{_shown([m for _, m in bad.failed], _SHOWN_EACH)}{more}.")
-    return ValueError(f"image/annotation pairs of {' and '.join(bad.split for bad in refused)} cannot be used, each "
-                      f"to fix or remove. {' '.join(parts)}")
+    splits = " and ".join(bad.split for bad in refused)
+    if not any(isinstance(bad, BadSplit) for bad in refused):
+        return ValueError(f"image/annotation pairs of {splits} cannot be used, each to fix or remove. "
+                          f"{' '.join(_part(bad, '') for bad in refused)}")
+    return ValueError(f"{splits} cannot be used, each to fix. "
+                      f"{' '.join(_part(bad, ' image/annotation pairs') for bad in refused)}")

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import JPEG_FORMATS, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.image_names import is_image_name, passed_over_folder
-from lomar.data.pair_checks import pair_results
+from lomar.data.pair_checks import BadSplit, pair_results
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
@@ -223,6 +223,30 @@ def eval_input(image: torch.Tensor, crop: int) -> torch.Tensor:
     return (_resize(image.float(), eval_scale(*image.shape[-2:], crop)) - MEAN) / STD
 
 
+def _class_refusal(checked: list[tuple[tuple[Path, Path], tuple[int, int]]], split: str, num_classes: int,
+                   reduce_zero_label: bool) -> str | None:
+    """Why the checked pairs' class ids do not fit ``num_classes`` (each pair with its highest id and the ids it
+    holds), naming the annotation that holds the highest; None when they fit."""
+    if not checked:
+        return None
+    annotation, top = max(((label, result[0]) for (_, label), result in checked), key=lambda found: found[1])
+    first = 1 if reduce_zero_label else 0  # the file's id of the first class
+    if top > MAX_CLASS_ID:
+        ignored = f"0 and {IGNORE}" if reduce_zero_label else f"{IGNORE}"
+        return (f"annotation {annotation} holds class id {top}; ids are {first}..{MAX_CLASS_ID} for the classes, "
+                f"{ignored} ignored; fix the annotations")
+    if top <= num_classes - 1 + first:
+        return None
+    # over the whole split: the --num-classes to suggest is the highest id of all
+    if reduce_zero_label:
+        return (f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: 0 ignored, "
+                f"1..N the classes; {top} is the highest in {split}); pass --num-classes {top} or fix the annotations")
+    return (f"annotation {annotation} holds class id {top}, above the ids 0..{num_classes - 1} of --num-classes "
+            f"{num_classes} with --zero-label class (0..N-1 the classes, {IGNORE} ignored; {top} is the highest in "
+            f"{split}); pass --num-classes {top + 1}, or --zero-label ignore if the ids are 1..N with 0 unlabelled, or "
+            f"fix the annotations")
+
+
 class SegmentationFolder(Dataset):
     """One split of an ADE20K-layout folder.
 
@@ -239,28 +263,17 @@ class SegmentationFolder(Dataset):
         self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
         self.train, self.seed, self.skipped, self.photometric = train, seed, set(), photometric
         self.reduce_zero_label = reduce_zero_label
-        pairs = _pairs(self.root, split)
-        results = pair_results(self.root, split, pairs, _check_pair, workers)
-        tops = [top for top, _ in results]
-        top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
-        first = 1 if reduce_zero_label else 0  # the file's id of the first class
-        if top > MAX_CLASS_ID:
-            annotation = pairs[tops.index(top)][1]
-            ignored = f"0 and {IGNORE}" if reduce_zero_label else f"{IGNORE}"
-            raise ValueError(f"annotation {annotation} holds class id {top}; ids are {first}..{MAX_CLASS_ID} for the "
-                             f"classes, {ignored} ignored; fix the annotations")
-        if top > num_classes - 1 + first:
-            annotation = pairs[tops.index(top)][1]
-            if reduce_zero_label:
-                raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} "
-                                 f"(ids: 0 ignored, 1..N the classes; {top} is the highest in {split}); pass "
-                                 f"--num-classes {top} or fix the annotations")
-            raise ValueError(f"annotation {annotation} holds class id {top}, above the ids 0..{num_classes - 1} of "
-                             f"--num-classes {num_classes} with --zero-label class (0..N-1 the classes, {IGNORE} "
-                             f"ignored; {top} is the highest in {split}); pass --num-classes {top + 1}, or "
-                             f"--zero-label ignore if the ids are 1..N with 0 unlabelled, or fix the annotations")
-
-        held = 0
+        try:
+            pairs = _pairs(self.root, split)
+        except ValueError as exc:  # refused as a split, for segment to name with the other split's problems
+            raise BadSplit(split, str(exc)) from None
+        results, bad = pair_results(self.root, split, pairs, _check_pair, workers)
+        checked = [(pair, result) for pair, result in zip(pairs, results) if result is not None]
+        if reason := _class_refusal(checked, split, num_classes, reduce_zero_label):
+            raise BadSplit(split, reason, bad)
+        if bad is not None:
+            raise bad
+        first, held = (1 if reduce_zero_label else 0), 0  # the file's id of the first class; the ids of every pair
         for _, ids in results:
             held |= ids
         # the classes (0..N-1) some annotation holds: a validation one that no training one holds is never learnt

@@ -23,7 +23,7 @@ from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import atomic_write_text, mismatch
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
-from lomar.data.pair_checks import BadPairs, splits_refusal
+from lomar.data.pair_checks import BadPairs, BadSplit, splits_refusal
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
 from lomar.errors import LomarError, UsageError
@@ -90,7 +90,7 @@ class SegmentTask(Task):
         workers = config.workers or 0
         split = partial(SegmentationFolder, config.data, num_classes=config.num_classes, crop=config.img_size,
                         workers=max(1, workers), reduce_zero_label=config.zero_label == "ignore")
-        refused: list[BadPairs] = []  # of each split, checked whole: one run tells the bad pairs of both
+        refused: list[BadPairs | BadSplit] = []  # of each split, checked whole: one run tells what is wrong in both
         if not config.eval_only:
             self.train_set = _checked(split, "training", refused, train=True, seed=config.seed,
                                       photometric=config.photometric)
@@ -269,12 +269,12 @@ def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, in
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
 
 
-def _checked(split, name: str, refused: list[BadPairs], **kwargs) -> SegmentationFolder | None:
-    """``split(name, **kwargs)``, the split built; None where its bad pairs are refused, the refusal added to
-    ``refused`` so that the next split is checked too."""
+def _checked(split, name: str, refused: list[BadPairs | BadSplit], **kwargs) -> SegmentationFolder | None:
+    """``split(name, **kwargs)``, the split built; None where it is refused (its layout, its class ids, its bad
+    pairs), the refusal added to ``refused`` so that the next split is checked too."""
     try:
         return split(name, **kwargs)
-    except BadPairs as bad:
+    except (BadPairs, BadSplit) as bad:
         refused.append(bad)
         return None
 
