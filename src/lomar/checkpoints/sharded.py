@@ -163,6 +163,12 @@ def _checked(path: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
     return data, reach
 
 
+def _metadata(path: Path):
+    """The metadata object of the file ``path``, rebuilt from its bytes checked by :func:`_checked` (not read again
+    while unchanged) by the checking unpickler: a new object each call, which DCP's reader stamps with its load id."""
+    return _MetadataUnpickler(io.BytesIO(_checked(path)[0])).load()
+
+
 def _parses(value: io.BytesIO) -> bool:
     """Whether the non-tensor record ``value`` is a whole pickle (torch.save's archive's, or a bare one), which
     weights_only then refused for what it names; bytes that changed do not parse (a zip's CRC, pickle's opcodes)."""
@@ -215,8 +221,7 @@ def _classes() -> tuple[type, type, type]:
             check_metadata(self.path, ())
             # the checked bytes, rebuilt by the checking unpickler: FileSystemReader's pickle.load would open the
             # file again; what it does after the load is done here alike
-            path = Path(self._get_metadata_path(kwargs.get("rank")))
-            metadata = _MetadataUnpickler(io.BytesIO(_checked(path)[0])).load()
+            metadata = _metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -285,7 +290,7 @@ def sharded_outline(sharded_dir: str | Path) -> dict:
     pass :func:`check_metadata`, or there is no ``.metadata``."""
     sharded_dir = _sharded(sharded_dir)
     check_metadata(sharded_dir, ())
-    metadata = _MetadataUnpickler(io.BytesIO(_checked(sharded_dir / ".metadata")[0])).load()
+    metadata = _metadata(sharded_dir / ".metadata")
     model = {fqn.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype, device="meta")
              for fqn, entry in metadata.state_dict_metadata.items()
              if fqn.startswith("model.") and hasattr(entry, "size")}  # its tensors' records; bytes have no size
