@@ -1,5 +1,6 @@
 """peek_encoder and holds_beit tell what encoder a path holds from as little of it as tells it."""
 
+import pytest
 import torch
 
 import lomar.checkpoints.formats
@@ -72,3 +73,11 @@ def test_a_checkpoint_on_a_filesystem_without_mmap_is_read_whole(tmp_path, monke
 
     monkeypatch.setattr(torch.UntypedStorage, "from_file", no_mmap)
     assert holds_beit(path) and peek_encoder(path) == ("beit", 8)
+
+
+def test_a_probe_saved_without_its_encoder_holds_no_beit(tmp_path):
+    """peek_encoder refuses it (the full read's refusal); holds_beit says False, as for a file it cannot read."""
+    torch.save({"probe": {"linear.weight": torch.zeros(2, 8)}, "pool": "mean", "top1": 0.5}, path := tmp_path / "p.pt")
+    assert holds_beit(path) is False
+    with pytest.raises(ValueError, match="holds a linear probe without the encoder it was trained on"):
+        peek_encoder(path)

@@ -125,3 +125,20 @@ def test_a_trained_model_that_is_no_encoder_is_refused_before_the_coco_files(tin
     assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "not a `lomar detect` run or checkpoint" in err and "not an encoder" not in err, err
+
+
+def test_a_probe_saved_without_its_encoder_is_refused_before_the_coco_files(tiny, tmp_path, capsys):
+    """A linear probe's file that holds the probe alone names no encoder: refused while the settings are checked, as
+    the other trained models that hold none, before the broken validation file's error."""
+    import torch
+
+    (train_ann, train_images), _ = tiny
+    torch.save({"probe": {"linear.weight": torch.zeros(2, 8)}, "pool": "mean", "top1": 0.5}, path := tmp_path / "p.pt")
+    (broken := tmp_path / "val.json").write_text("{")
+    assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                 str(broken), "--val-images", str(train_images), "--pretrained", str(path), "--img-size", "64",
+                 "--device", "cpu", "--out", str(out := tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lomar detect: error: --pretrained {path}: {path} holds a linear probe without the encoder "
+                          "it was trained on") and err.count("\n") == 1, err
+    assert not out.exists()

@@ -221,3 +221,15 @@ def test_a_split_refused_as_a_whole_is_named_with_the_other_splits_problems(digi
     assert f"(2) annotation {corrupt} cannot be read" in train, err
     assert val.startswith(f"{root / 'annotations' / 'validation'} is not a folder"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_probe_saved_without_its_encoder_is_refused_before_the_data_is_read(tmp_path, capsys):
+    import torch
+
+    torch.save({"probe": {"linear.weight": torch.zeros(2, 8)}, "pool": "mean", "top1": 0.5}, path := tmp_path / "p.pt")
+    (data := tmp_path / "data").mkdir()  # without the ADE20K layout, whose error does not come first
+    assert _segment(data, out := tmp_path / "run", "--pretrained", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lomar segment: error: --pretrained {path}: {path} holds a linear probe without the "
+                          "encoder it was trained on") and err.count("\n") == 1, err
+    assert not out.exists()

@@ -11,17 +11,22 @@ from pathlib import Path
 from lomar.checkpoints.kinds import LINPROBE_FORMAT
 from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, saved_spec, spec_settings
 
-__all__ = ["LinprobeReader", "probe_only_refusal"]
+__all__ = ["LinprobeReader", "ProbeOnly", "probe_only_refusal"]
 
 _ARCH = "lomar.models.probe_classifier:ProbeClassifier"
 
 
-def probe_only_refusal(path: str | Path, data: dict) -> ValueError | None:
+class ProbeOnly(ValueError):
+    """The refusal of a file that holds a linear probe without its encoder: told apart from a file that cannot be
+    read, so that a command refuses it while checking its settings (:func:`lomar.checkpoints.peek.peek_encoder`)."""
+
+
+def probe_only_refusal(path: str | Path, data: dict) -> ProbeOnly | None:
     """The error for a file that holds a linear probe without its encoder (``data`` its contents), None for any
     other."""
     if "model" in data or not isinstance(data.get("probe"), dict) or "pool" not in data:
         return None
-    return ValueError(f"{path} holds a linear probe without the encoder it was trained on (its 'probe' state alone), "
+    return ProbeOnly(f"{path} holds a linear probe without the encoder it was trained on (its 'probe' state alone), "
                       f"which nothing rebuilds; run `lomar linprobe ENCODER --data DATA --save FILE` again, whose file "
                       f"keeps the encoder too, or put its 'probe' into lomar.models.probe_classifier.LinearProbe on "
                       f"that encoder's {data['pool']!r} features")

@@ -11,7 +11,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats import identify, read_mapped
 from lomar.checkpoints.formats_beit import BEiTReader
 from lomar.checkpoints.formats_dense import DenseReader
-from lomar.checkpoints.formats_probe import LinprobeReader
+from lomar.checkpoints.formats_probe import LinprobeReader, ProbeOnly
 from lomar.checkpoints.reader import Reader, Source
 from lomar.checkpoints.sharded import sharded_outline
 
@@ -27,19 +27,27 @@ _WHOLE_MODELS = (DenseReader, LinprobeReader)
 def _held(path: Path) -> tuple[Reader, Source] | None:
     """The reader and source of what ``path`` holds, reading as little as tells it: a sharded checkpoint's metadata
     (its tensors on the meta device), a file's tensors mapped (a file torch cannot map read whole: one mapped and in
-    no format is not read again), an export folder's config.json; None where it cannot be read."""
+    no format is not read again), an export folder's config.json; None where it cannot be read. ProbeOnly, the full
+    read's refusal, for a linear probe saved without its encoder."""
     try:
         path = readable_file(path)  # read as load_pretrained_encoder reads it
         if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
             return identify(path, sharded_outline(path))
         return read_mapped(path)
+    except ProbeOnly:  # read, and no encoder: refused as the other trained models that hold none
+        raise
     except _UNREADABLE:
         return None
 
 
 def holds_beit(path: str | Path) -> bool:
-    """Whether ``path`` holds a BEiT encoder (False for one that cannot be read: it is reported where it is read)."""
-    return (held := _held(Path(path))) is not None and isinstance(held[0], BEiTReader)
+    """Whether ``path`` holds a BEiT encoder (False for one that cannot be read, or holds no encoder: it is reported
+    where it is read)."""
+    try:
+        held = _held(Path(path))
+    except ProbeOnly:
+        return False
+    return held is not None and isinstance(held[0], BEiTReader)
 
 
 def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
@@ -47,7 +55,7 @@ def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     shape of its patch-embedding weight, no weight read; None where the path cannot be read (in no format: the full
     read reports it), so that a caller can refuse an encoder it cannot use before reading one. ValueError, the full
     read's, where it holds a trained model that is no encoder (a `lomar detect` or `lomar segment` checkpoint or run,
-    a `lomar linprobe --save` file)."""
+    a `lomar linprobe --save` file, a linear probe saved without its encoder)."""
     if (held := _held(Path(path))) is None:
         return None
     reader, src = held
