@@ -42,9 +42,13 @@ def test_model_build_errors_name_the_python_parameters_not_flags():
     (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "images are torch.uint8 but the model's weights are"),
     (torch.randn(1, 3, 32, 32).half(), "images are torch.float16"),
     (torch.randn(1, 3, 32, 32).double(), "images are torch.float64"),
-    (torch.randn(3, 32, 32), "expected images of shape (N, 3, H, W), got (3, 32, 32)"),
+    (torch.randn(3, 32, 32), "expected images of shape (N, 3, H, W), got (3, 32, 32); add the batch dimension "
+                             "(images[None])"),
+    (torch.randn(2, 32, 32, 3), "got (2, 32, 32, 3); channels come first: images.permute(0, 3, 1, 2)"),
+    (torch.randn(1, 3, 32, 32, device="meta"), "images are on meta but the model's weights are on cpu: move them "
+                                               "with images.to('cpu')"),
 ])
-def test_images_of_another_dtype_or_rank_are_named(images, words):
+def test_images_of_another_dtype_rank_layout_or_device_are_named(images, words):
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     for model in (VisionTransformer(config), LoMaR(config, 3, 2)):
         with pytest.raises(ValueError) as info:

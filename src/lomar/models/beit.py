@@ -261,7 +261,7 @@ class BEiT(nn.Module):
         if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size) or images.shape[1] != self.config.in_chans:
             raise ValueError(f"images must be (N, {self.config.in_chans}, {size}, {size}), got "
                              f"{tuple(images.shape)}; resize to img_size={size} or build with that img_size")
-        self.patch_embed.check_dtype(images)
+        self.patch_embed.check_images(images)
         if bool_masked_pos is None:
             return None
         if bool_masked_pos.ndim == 3:

@@ -52,13 +52,18 @@ class PatchEmbed(nn.Module):
         """(..., C·p·p) patches in (channel, row, col) order -> (..., D); same as the conv."""
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
-    def check_dtype(self, images: torch.Tensor) -> None:
-        """ValueError unless ``images`` are floats of the weights' dtype, or any floats under autocast."""
-        weight = self.proj.weight.dtype
-        if not images.is_floating_point() or (images.dtype != weight and
+    def check_images(self, images: torch.Tensor) -> None:
+        """ValueError unless ``images`` are on the weights' device and floats of their dtype (any floats under
+        autocast)."""
+        weight = self.proj.weight
+        if images.device != weight.device:  # else torch names neither tensor nor the fix, deep in the conv
+            raise ValueError(f"images are on {images.device} but the model's weights are on {weight.device}: move "
+                             f"them with images.to({str(weight.device)!r}) (or the model with model.to(...))")
+        if not images.is_floating_point() or (images.dtype != weight.dtype and
                                               not torch.is_autocast_enabled(images.device.type)):
-            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
-                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weight.dtype}: pass float "
+                             f"images normalised with the ImageNet mean and std, as {weight.dtype} (or run under "
+                             f"torch.autocast)")
 
 
 class Attention(nn.Module):
@@ -309,18 +314,27 @@ class VisionTransformer(nn.Module):
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid of a batch (N, C, H, W); TypeError for what is no tensor, ValueError for a wrong rank, channels,
-        size or dtype."""
+        size, dtype or device, naming the fix."""
         if not isinstance(images, torch.Tensor):  # a numpy array would fail on an attribute torch's tensors have
             raise TypeError(f"images must be a torch.Tensor (N, {self.config.in_chans}, H, W), got "
                             f"{type(images).__name__}; convert it with torch.as_tensor(images)")
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
-            # an RGBA or grey batch (torchvision.io reads a PNG as it is stored) has a one-call fix
-            fix = ("; drop an alpha channel (images[:, :3]) or repeat a grey one (images.expand(-1, 3, -1, -1))"
-                   if images.ndim == 4 and self.config.in_chans == 3 and images.shape[1] in (1, 4) else "")
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
-                             f"{tuple(images.shape)}{fix}")
-        self.patch_embed.check_dtype(images)
+                             f"{tuple(images.shape)}{self._layout_fix(images.shape)}")
+        self.patch_embed.check_images(images)
         return tile_grid(*images.shape[-2:], self.config.patch_size)
+
+    def _layout_fix(self, shape: torch.Size) -> str:
+        """The one-call fix of a batch of the wrong layout, where there is one: '' otherwise."""
+        chans = self.config.in_chans
+        if len(shape) == 3 and shape[0] == chans:  # one image, as a dataset returns it
+            return "; add the batch dimension (images[None])"
+        if len(shape) == 4 and shape[-1] == chans and shape[1] != chans:  # PIL, numpy and matplotlib's H, W, C
+            return "; channels come first: images.permute(0, 3, 1, 2)"
+        # an RGBA or grey batch (torchvision.io reads a PNG as it is stored) has a one-call fix
+        if len(shape) == 4 and chans == 3 and shape[1] in (1, 4):
+            return "; drop an alpha channel (images[:, :3]) or repeat a grey one (images.expand(-1, 3, -1, -1))"
+        return ""
 
     def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
                        token_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
