@@ -1,15 +1,19 @@
 """The class check's reduced decode (lomar.data.decode_check.check_image) refuses exactly the files the training
-decode (load_image) refuses, with its message, and decodes a JPEG at 1/8 to tell."""
+decode (load_image) and the --decode draft load refuse, with their message, and decodes a JPEG at 1/8 to tell; a class
+folder read by either is checked that way."""
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
 from helpers import photo_like
+from lomar.data.classify import classification_transforms, draft_eval_load
 from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.decode_check import check_image
+from lomar.data.folder import LabelledImageFolder
 
 
 def _jpeg(image: Image.Image, **options) -> bytes:
@@ -68,10 +72,12 @@ def files(tmp_path_factory):
 def test_the_check_refuses_what_the_training_decode_refuses_with_its_message(files, monkeypatch, limit):
     if limit:  # every file over it but the small ones (bytes), all of them (pixels: 64x48 is 3,072)
         monkeypatch.setenv(*limit)
-    verdicts = {path.name: (_verdict(load_image, path), _verdict(check_image, path)) for path in files.iterdir()}
-    assert {name: full for name, (full, check) in verdicts.items() if full != check} == {}
+    # the draft load at 1/8 (min_side 1) and whole (min_side 48: no scale keeps it)
+    reads = (check_image, partial(load_image_reduced, min_side=1), partial(load_image_reduced, min_side=48))
+    verdicts = {path.name: [_verdict(read, path) for read in (load_image, *reads)] for path in files.iterdir()}
+    assert {name: full for name, (full, *others) in verdicts.items() if others != [full] * 3} == {}
     if limit is None:  # each kind is what its name says: the damaged ones refused, the others read
-        assert sorted(name for name, (full, _) in verdicts.items() if full) == [
+        assert sorted(name for name, (full, *_) in verdicts.items() if full) == [
             "cut_closed.jpg", "empty.jpg", "rotated_cut_closed.jpg", "text.jpg", "truncated.jpg", "truncated.png"]
 
 
@@ -98,3 +104,22 @@ def test_a_jpeg_is_checked_at_one_eighth(files, monkeypatch):
     for name in ("photo.jpg", "rotated.jpg", "grey.jpg"):
         check_image(files / name)
     assert scales == [8, 8, 8]
+
+
+def test_a_class_folder_read_by_the_draft_load_is_checked_at_one_eighth(tmp_path, monkeypatch):
+    """finetune's --decode draft validation load (a JPEG at 1/2 here, for a 73 px resize) refuses what load_image
+    refuses: its classes are checked by the 1/8 decode, as knn's and linprobe's; a load of another verdict (its own
+    pixel limit, any other callable) is its own check."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(photo_like(192, 256)).save(tmp_path / name / "photo.jpg", quality=90)
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    val_tf = classification_transforms(64)[1]
+    folder = LabelledImageFolder(tmp_path, val_tf, draft_eval_load(val_tf))
+    assert folder.unreadable_classes() == {} and scales == [8, 8]
+    scales.clear()
+    assert folder[0][0].shape == (3, 64, 64) and scales == [2]  # what it reads: the draft scale
+    own = partial(load_image_reduced, min_side=73, max_pixels=10**6)
+    assert LabelledImageFolder(tmp_path, load=own).check is own

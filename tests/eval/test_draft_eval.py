@@ -123,11 +123,14 @@ def test_knn_every_follows_the_runs_draft_decode_and_a_resume_keeps_what_the_run
     """--knn-every decoded --knn-data's photos whole under --decode draft (12 MP photos at 64 px: 145 ms an image,
     17 drafted); it now follows the run's decode, recorded at the start as --knn-decode: a resume keeps it whatever
     its --decode, and a run saved before the setting keeps the full decode it scored with."""
+    import lomar.data.folder as folder
     import lomar.eval.features as features
     from helpers import pretrain
 
     reduced, load = [], features.load_image_reduced
-    monkeypatch.setattr(features, "load_image_reduced", lambda *a, **kw: reduced.append(1) or load(*a, **kw))
+    spy = lambda *a, **kw: reduced.append(1) or load(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(features, "load_image_reduced", spy)
+    monkeypatch.setattr(folder, "load_image_reduced", spy)  # where the class folder tells its check by it
     root = tmp_path / "knn"
     for split in ("train", "val"):
         for label in ("a", "b"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 from lomar.data.class_names import classes_only_in, unicode_forms_note
 from lomar.data.class_roots import not_a_class_root
 from lomar.data.collate import LabelledItem
-from lomar.data.decode import load_image, tensor_to_pil
+from lomar.data.decode import load_image, load_image_reduced, tensor_to_pil
 from lomar.data.decode_check import check_image
 from lomar.data.demo_images import demo_image_paths
 from lomar.data.image_names import (
@@ -184,6 +185,14 @@ def _path_lines(listing: Path) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
+def _refuses_as_load_image(load) -> bool:
+    """Whether ``load`` fails exactly where :func:`load_image` fails: itself, or :func:`load_image_reduced` at a
+    ``min_side`` (which decodes whole, as load_image, wherever its reduced decode fails or is not taken). The 1/8-scale
+    check decides for either; a ``max_pixels`` of its own is another limit than the check's."""
+    return load is load_image or (isinstance(load, partial) and load.func is load_image_reduced and not load.args
+                                  and load.keywords.keys() == {"min_side"})
+
+
 class LabelledImageFolder(Dataset):
     """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
     that survives unreadable images.
@@ -193,12 +202,14 @@ class LabelledImageFolder(Dataset):
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
     and ``targets`` are as in ImageFolder. Raises ValueError naming the root when it holds no
     class folder or no image. ``check``: a callable that raises where ``load`` raises, at less cost (default:
-    :func:`lomar.data.decode_check.check_image` when ``load`` is the default, else ``load``).
+    :func:`lomar.data.decode_check.check_image` where ``load`` refuses what :func:`~lomar.data.decode.load_image`
+    refuses: the default, ``load_image`` or :func:`~lomar.data.decode.load_image_reduced` given a ``min_side``, the
+    full and ``--decode draft`` loads of finetune, knn and linprobe; else ``load``).
     """
 
     def __init__(self, root: str | Path, transform=None, load=None, check=None):
         self.root, self.transform, self.load = Path(root), transform, load or load_image  # looked up now, not at import
-        self.check = check or load or check_image
+        self.check = check or (check_image if _refuses_as_load_image(self.load) else self.load)
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
             raise ValueError(not_a_class_root(self.root))

@@ -26,7 +26,6 @@ from lomar.data.class_names import classes_only_in, names_problem, rows_by_name,
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
-from lomar.data.decode_check import check_image
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.small_images import SmallImages
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -279,8 +278,8 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
     load = eval_load(img_size, decode)
     with said_by_first_on_machine(say=warn):
-        # either load fails where load_image fails (load_image_reduced falls back to it): one check for both
-        sets = [LabelledImageFolder(root, eval_transform(img_size), load, check_image) for root in roots]
+        # either load fails where load_image fails: checked as load_image is (LabelledImageFolder's default)
+        sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
         sets[0].match_classes(sets[1])
         sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
