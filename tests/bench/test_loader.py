@@ -129,7 +129,7 @@ def test_draft_decoding_really_decodes_a_reduced_image(photos):
         path = sorted(photos.iterdir())[0]
         draw = draw_sample(transform, None, *jpeg_size(path), torch.Generator().manual_seed(1))
         with Image.open(path) as img:
-            pixels = draft_decode_crop(img, transform.size, draw)
+            pixels = draft_decode_crop(img, transform.size, draw, "photo.jpg")
     finally:
         Image.Image.convert = original
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8

@@ -87,7 +87,7 @@ def test_a_png_whose_pixel_data_breaks_is_skipped_by_every_reader_that_reads_its
     at = (start + end) // 2
     broken = data[:at] + b"\xff" * 4 + data[at + 4:end]  # an encoder's fault: the chunk's CRC matches its bytes
     (tmp_path / "broken.png").write_bytes(broken + struct.pack(">I", zlib.crc32(broken[start:])) + data[end + 4:])
-    with open_pil((tmp_path / "broken.png").read_bytes()) as img, pytest.raises(OSError):
+    with open_pil((tmp_path / "broken.png").read_bytes(), "broken.png") as img, pytest.raises(OSError):
         oriented_size(img)
 
     class Windows:  # two 2x2-patch windows of an 8x8 grid: sparse, so the windows path reads the PNG itself
@@ -112,8 +112,8 @@ def test_a_png_damaged_on_disk_is_refused_by_its_crc_not_decoded_into_garbage(tm
     with pytest.raises(ValueError, match=r"rotted\.png: a damaged PNG file \(its IDAT chunk at byte 33 fails its CRC"):
         load_image(path)
     with pytest.raises(ValueError, match="CRC"):
-        open_pil(path.read_bytes())
-    assert decode_bytes(data).shape == (3, 64, 96)  # the file as written: every CRC matches
+        open_pil(path.read_bytes(), "photo.png")
+    assert decode_bytes(data, "photo.png").shape == (3, 64, 96)  # the file as written: every CRC matches
 
 
 def _jpeg(grey_corner: bool = False) -> bytes:
@@ -139,8 +139,8 @@ def test_a_jpeg_cut_short_then_closed_is_refused_by_every_decode_path_not_decode
         load_image(cut)
     with pytest.raises(ValueError, match=words):  # eval's --decode draft
         load_image_reduced(cut, 16)
-    with open_pil(cut.read_bytes()) as img, pytest.raises(ValueError, match="ends before its last rows"):
-        decode_box_reduced(img, (0, 0, 96, 128), 16)  # the training crops' --decode draft and windows
+    with open_pil(cut.read_bytes(), str(cut)) as img, pytest.raises(ValueError, match=words):
+        decode_box_reduced(img, (0, 0, 96, 128), 16, str(cut))  # the training crops' --decode draft and windows
     to_tensor = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
     batches = list(DataLoader(LabelledImageFolder(tmp_path, to_tensor), batch_size=2, collate_fn=collate_labelled))
     assert [p for b in batches for p in b.bad] == [str(cut)] and sum(len(b[1]) for b in batches) == 1
@@ -167,8 +167,8 @@ def test_a_whole_jpeg_with_a_mid_grey_corner_decodes_on_every_path(tmp_path):
     assert image.shape == (3, 96, 128) and image[:, -1, -1].tolist() == [128, 128, 128]
     (tmp_path / "grey.jpg").write_bytes(data)
     assert load_image_reduced(tmp_path / "grey.jpg", 16)[:, -1, -1].tolist() == [128, 128, 128]
-    with open_pil(data) as img:
-        reduced, _ = decode_box_reduced(img, (0, 0, 96, 128), 16)
+    with open_pil(data, "grey.jpg") as img:
+        reduced, _ = decode_box_reduced(img, (0, 0, 96, 128), 16, "grey.jpg")
     assert reduced.size == (32, 24) and reduced.getpixel((31, 23)) == (128, 128, 128)
 
 
@@ -182,7 +182,7 @@ def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):
 
     walks = []
     monkeypatch.setattr(decode, "png_bad_chunk", lambda data: walks.append(len(data)) or png_bad_chunk(data))
-    assert decode_bytes(_png_header(8, 1)).shape == (3, 1, 8) and len(walks) == 1
+    assert decode_bytes(_png_header(8, 1), "t.png").shape == (3, 1, 8) and len(walks) == 1
     one_idat = _png_header(8, 1)[:33] + png_chunk(b"IDAT", bytes(4 << 20)) + png_chunk(b"IEND", b"")
     tracemalloc.start()
     try:
@@ -197,6 +197,6 @@ def test_16_bit_images_scale_by_their_depth_not_their_brightest_pixel():
     def grey(value: int) -> int:
         out = io.BytesIO()
         Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(out, format="PNG")
-        return int(decode_bytes(out.getvalue())[0, 0, 0])
+        return int(decode_bytes(out.getvalue(), "t.png")[0, 0, 0])
 
     assert [grey(v) for v in (200, 256, 32768, 65535)] == [0, 0, 127, 255]  # value * 255 / 65535, truncated

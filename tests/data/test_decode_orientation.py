@@ -29,10 +29,10 @@ def _rotated(fmt: str, size=(40, 24)) -> bytes:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_every_format_is_decoded_as_its_exif_orientation_says(fmt):
     data = _rotated(fmt)
-    with open_pil(data) as img:
+    with open_pil(data, "photo.jpg") as img:
         assert oriented_size(img) == (40, 24)
         upright = torch.from_numpy(np.asarray(ImageOps.exif_transpose(img).convert("RGB"))).permute(2, 0, 1)
-    image = decode_bytes(data)
+    image = decode_bytes(data, "photo.jpg")
     assert image.shape == (3, 40, 24)
     if fmt != "JPEG":  # lossless: Pillow's rotation of the same pixels
         assert torch.equal(image, upright)
@@ -63,7 +63,7 @@ def test_a_tiff_is_turned_once_by_its_orientation_tag(monkeypatch, keeps_tag):
         out, exif = io.BytesIO(), Image.Exif()
         exif[0x0112] = orientation
         Image.fromarray(stored).save(out, format="TIFF", exif=exif)
-        assert np.array_equal(decode_bytes(out.getvalue()).permute(1, 2, 0).numpy(), want), orientation
+        assert np.array_equal(decode_bytes(out.getvalue(), "photo.jpg").permute(1, 2, 0).numpy(), want), orientation
 
 
 def test_a_pngs_exif_before_its_pixels_is_read_without_decoding_them_and_a_malformed_one_is_ignored():
@@ -72,14 +72,14 @@ def test_a_pngs_exif_before_its_pixels_is_read_without_decoding_them_and_a_malfo
     out, exif = io.BytesIO(), Image.Exif()
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(out, format="PNG")
     data, exif[0x0112] = out.getvalue(), 6
-    with open_pil(data[:33] + png_chunk(b"eXIf", exif.tobytes()) + data[33:]) as img:
+    with open_pil(data[:33] + png_chunk(b"eXIf", exif.tobytes()) + data[33:], "photo.png") as img:
         assert oriented_size(img) == (6, 4) and img.tile  # turned, and not decoded
     iend = data.rindex(b"IEND") - 4
     for broken in (data[:33] + png_chunk(b"eXIf", b"MM\x00*junk") + data[33:],
                    data[:iend] + png_chunk(b"eXIf", b"MM\x00*junk") + data[iend:]):
-        with open_pil(broken) as img:
+        with open_pil(broken, "broken.png") as img:
             assert oriented_size(img) == (4, 6)
-        assert decode_bytes(broken).shape == (3, 4, 6)
+        assert decode_bytes(broken, "broken.png").shape == (3, 4, 6)
 
 
 def test_a_photo_stored_sideways_decodes_about_as_fast_as_one_stored_upright():
@@ -100,7 +100,7 @@ def test_a_photo_stored_sideways_decodes_about_as_fast_as_one_stored_upright():
     for _ in range(5):  # interleaved, the fastest of each: a loaded machine slows both alike
         for orientation, data in files.items():
             start = time.perf_counter()
-            image = decode_bytes(data)
+            image = decode_bytes(data, "photo.jpg")
             best[orientation] = min(best[orientation], time.perf_counter() - start)
     assert image.shape == (3, 2800, 2100)
     assert best[6] < 3 * best[1], f"sideways {best[6] * 1e3:.0f} ms, upright {best[1] * 1e3:.0f} ms"

@@ -104,21 +104,22 @@ def _exif_jpeg(orientation: int, count: bytes = b"\x00\x00\x00\x01") -> bytes:
 def test_jpeg_pixels_are_turned_as_pillow_turns_them(orientation):
     from PIL import ImageOps
 
-    stored = decode_bytes(_exif_jpeg(1))
+    stored = decode_bytes(_exif_jpeg(1), "exif.jpg")
     upright = Image.fromarray(stored.permute(1, 2, 0).numpy())
     upright.getexif()[0x0112] = orientation
     upright.info["exif"] = upright.getexif().tobytes()
     want = torch.from_numpy(np.array(ImageOps.exif_transpose(upright))).permute(2, 0, 1)
-    assert torch.equal(decode_bytes(_exif_jpeg(orientation)), want)
+    assert torch.equal(decode_bytes(_exif_jpeg(orientation), "exif.jpg"), want)
 
 
 def test_a_damaged_exif_block_turns_the_pixels_as_the_header_size_says():
     from lomar.data.decode import open_pil, oriented_size
 
     data = _exif_jpeg(6, count=b"\xf4\x00\x00\x01")  # an absurd count: Pillow skips the tag, libjpeg's reader did not
-    with open_pil(data) as img:
+    with open_pil(data, "wide.jpg") as img:
         size = oriented_size(img)
-    assert tuple(decode_bytes(data).shape[1:]) == size == (20, 40)  # not (40, 20): labels checked on 20x40 would misfit
+    # not (40, 20): labels checked on 20x40 would misfit
+    assert tuple(decode_bytes(data, "wide.jpg").shape[1:]) == size == (20, 40)
 
 
 def test_an_annotation_that_is_a_jpeg_named_png_is_refused(tmp_path):
@@ -144,7 +145,7 @@ def test_a_palette_png_with_transparency_decodes_without_pillows_warning():
     image.save(out, format="PNG", transparency=bytes([0, 255, 128] + [255] * 253))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. 'Palette images with Transparency expressed in bytes should be ...'
-        pixels = decode_bytes(out.getvalue())
+        pixels = decode_bytes(out.getvalue(), "t.tif")
     via_rgba = ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue())).convert("RGBA")).convert("RGB")
     assert torch.equal(pixels, torch.from_numpy(np.array(via_rgba)).permute(2, 0, 1))
 
@@ -156,7 +157,7 @@ def test_a_damaged_exif_block_is_read_without_pillows_warnings():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with open_pil(_exif_jpeg(6, count=b"\xf4\x00\x00\x01")) as img:
+        with open_pil(_exif_jpeg(6, count=b"\xf4\x00\x00\x01"), "exif.jpg") as img:
             assert exif_orientation(img) == 1  # the tag Pillow skips
     assert not caught  # no 'Tag data larger than file. Skipping tag 274' from every loader worker
 
@@ -170,7 +171,7 @@ def test_a_32_bit_integer_image_outside_16_bits_is_refused_not_clipped(low, high
         decode_bytes(out.getvalue(), "ct.tif")
     inside = io.BytesIO()  # 0..65535 in a 32-bit container: scaled by 16 bits, as before
     Image.fromarray(np.full((4, 4), 65535, np.int32)).save(inside, format="TIFF")
-    assert int(decode_bytes(inside.getvalue())[0, 0, 0]) == 255
+    assert int(decode_bytes(inside.getvalue(), "inside.tif")[0, 0, 0]) == 255
 
 
 def test_window_decoding_of_a_palette_png_with_transparency_prints_no_pillow_warning(tmp_path):

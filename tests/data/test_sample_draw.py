@@ -161,7 +161,7 @@ def test_the_draft_decode_shrinks_by_the_scale_it_chose(tmp_path, size):
     height, width = size
     _jpeg(tmp_path / "odd.jpg", height, width)
     with Image.open(tmp_path / "odd.jpg") as img:
-        reduced, _ = decode_box_reduced(img, (0, 0, height, width), height // 8)
+        reduced, _ = decode_box_reduced(img, (0, 0, height, width), height // 8, "photo.jpg")
         assert reduced.size == (-(-width // 8), -(-height // 8))
 
 

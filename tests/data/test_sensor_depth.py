@@ -36,7 +36,7 @@ def _tiff(samples: np.ndarray, max_sample_value: int | None) -> bytes:
 
 
 def _greys(data: bytes) -> list[int]:
-    return [int(v) for v in decode_bytes(data)[0, :, 0]]
+    return [int(v) for v in decode_bytes(data, "deep.png")[0, :, 0]]
 
 
 def test_a_png_that_states_12_bits_as_its_spec_stores_them_is_scaled_by_65535():

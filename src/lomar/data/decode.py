@@ -121,7 +121,7 @@ def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str
     return kind, size, limit
 
 
-def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
+def open_pil(data: bytes, name: str, max_pixels: int | None = None):
     """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
     header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
     JPEG's size differently (every decoder that may decode it must agree)."""
@@ -219,7 +219,7 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
+def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> torch.Tensor:
     """Encoded image bytes -> uint8 (3, H, W) RGB; ValueError naming ``name`` when undecodable or too large.
 
     ``max_pixels`` (default :func:`max_image_pixels`) bounds width x height, checked on the
@@ -315,7 +315,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
 
 
 def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: int,
-                       name: str = "<bytes>") -> tuple[Image.Image, tuple]:
+                       name: str) -> tuple[Image.Image, tuple]:
     """Decode the opened photo ``img`` (header read) at the first JPEG scale of 1/8, 1/4, 1/2 that keeps the crop
     ``box`` (top, left, height, width in upright full-size pixels) >= ``size`` px on each side: the one DCT-scale rule
     of the training crops (pretrain's and finetune's ``--decode draft``). Anything but a JPEG is decoded whole.

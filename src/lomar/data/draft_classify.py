@@ -55,7 +55,7 @@ class DraftCropFolder(Dataset):
             with open_pil(data, path) as img:  # the header only: its size is checked against the pixel limit
                 jpeg = img.format in JPEG_FORMATS and img.mode in ("RGB", "L")
                 source = oriented_size(img) if jpeg else None  # before the crop's draft shrinks the image's size
-                image = self._crop(img) if jpeg else None
+                image = self._crop(img, path) if jpeg else None
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError):
             image = None  # the reference path reads the file again, and skips and reports it if it fails there too
         if image is None:
@@ -63,9 +63,9 @@ class DraftCropFolder(Dataset):
             return base[index]
         return LabelledItem(self.rest(image), int(base.labels[index]), path, source)
 
-    def _crop(self, img: Image.Image) -> Image.Image | None:
-        """The crop of the opened photo ``img`` resized to the transform's size; None where a reduced decode gains
-        nothing (the box is under twice the size on a side)."""
+    def _crop(self, img: Image.Image, path: str) -> Image.Image | None:
+        """The crop of the opened photo ``img`` (read from the file ``path``) resized to the transform's size; None
+        where a reduced decode gains nothing (the box is under twice the size on a side)."""
         height, width = oriented_size(img)  # the box's frame: a phone's portrait photo is stored sideways
         # timm's draw reads only the image's size: a stride-0 view has it without a pixel allocated
         top, left, h, w = self.crop.get_params(torch.empty(()).expand(height, width), self.crop.scale,
@@ -76,6 +76,6 @@ class DraftCropFolder(Dataset):
         out_h, out_w = self.crop.size
         if min(h, w) < 2 * max(out_h, out_w):
             return None
-        reduced, fbox = decode_box_reduced(img, (top, left, h, w), max(out_h, out_w))
+        reduced, fbox = decode_box_reduced(img, (top, left, h, w), max(out_h, out_w), path)
         resample = pil_modes_mapping[interpolation] if isinstance(interpolation, InterpolationMode) else interpolation
         return reduced.resize((out_w, out_h), resample, box=fbox)

@@ -63,7 +63,7 @@ def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
         return oriented_size(img)
 
 
-def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw, name: str = "<bytes>") -> torch.Tensor:
+def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw, name: str) -> torch.Tensor:
     """``draw``'s crop of the opened photo ``img`` (header read, not decoded), decoded at reduced size:
     uint8 (3, size, size), already flipped if ``draw.flip``; ValueError naming ``name``, its file, for one cut short."""
     reduced, fbox = decode_box_reduced(img, draw.box, size, name)
@@ -90,7 +90,7 @@ def window_boxes(fbox: tuple[float, float, float, float], size: int, top_left: t
 
 
 def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: int, window_size: int,
-                     name: str = "<bytes>") -> torch.Tensor:
+                     name: str) -> torch.Tensor:
     """Only the windows of ``draw.plan`` (``top_left`` (n, 2) in patch units) of ``draw``'s crop of the
     opened photo ``img``, resampled from a reduced-size decode: uint8 (3, size, size), zeros outside them; ValueError
     naming ``name``, its file, for one cut short."""
