@@ -67,3 +67,17 @@ def test_saved_png_has_the_pixels_savefig_draws(figure, tmp_path):
         reference.tight_layout()  # as save_figure lays out a figure without an engine
     reference.savefig(tmp_path / "reference.png", dpi=80)
     assert np.array_equal(_pixels(saved), _pixels(tmp_path / "reference.png"))
+
+
+@pytest.mark.parametrize("images, words", [
+    (torch.randn(3, 32, 32), "got (3, 32, 32); add the batch dimension (images[None])"),
+    (torch.randn(1, 32, 32, 3), "channels come first: images.permute(0, 3, 1, 2)"),
+    (torch.randn(1, 3, 30, 30), "image size 30x30 is not divisible by the patch size 8"),
+])
+def test_reconstruct_refuses_images_the_model_does_not_take_as_the_model_does(images, words):
+    # reconstruct cuts the images into patches before the model reads them: torch's reshape error came first
+    with pytest.raises(ValueError) as info:
+        reconstruct(_model(), images)
+    assert words in str(info.value)
+    with pytest.raises(TypeError, match="cannot draw reconstructions for VisionTransformer: pass a LoMaR or MAE"):
+        reconstruct(_model().encoder, torch.randn(1, 3, 32, 32))

@@ -50,13 +50,18 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
 
     images (N, 3, H, W) normalised -> dict of (N, 3, H, W) pixels in [0, 1]:
     ``original``, ``masked`` (masked patches grey, uncovered area dimmed), ``reconstruction``
-    (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
-    ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
+    (visible patches from the input, masked ones predicted), and ``loss`` (the model's, a 0-d tensor); LoMaR also
+    gives ``plan``. ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
+    Images the model does not take (no tensor, another layout, dtype or device, a side not a multiple of the patch)
+    are refused as the model's forward refuses them.
     """
+    if not isinstance(model, (LoMaR, MAEWindow, MAE)):
+        raise TypeError(f"cannot draw reconstructions for {type(model).__name__}: pass a LoMaR or MAE model (such as "
+                        f"lomar.load_model of a pretraining checkpoint), not an encoder, which predicts no pixels")
     with eval_mode(model):
         p = model.config.patch_size
-        n, _, h, w = images.shape
-        grid = (h // p, w // p)
+        grid = model.encoder.image_grid(images)  # first: patchify below would fail on them in torch's words
+        n = images.shape[0]
         target = patchify(images, p)  # (N, L, p·p·3)
         gen = torch.Generator(device=images.device).manual_seed(seed)
         coverage = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool, device=images.device)
@@ -79,15 +84,13 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
             masked = coverage & ~visible
             painted[visible] = target[visible]
             out["plan"] = plan
-        elif isinstance(model, MAE):
+        else:
             noise = torch.rand(n, grid[0] * grid[1], generator=gen, device=images.device)
             result = model(images, noise=noise)
             masked = result.mask.bool()
             coverage[:] = True
             pixels = _unnormalize_pred(result.pred.float(), target, model.norm_pix_loss)
             painted[masked] = pixels[masked].to(painted.dtype)
-        else:
-            raise TypeError(f"cannot draw reconstructions for {type(model).__name__}")
 
     def to_pixels(patches: torch.Tensor, keep: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
         img = denormalize(unpatchify(patches, p, grid))
