@@ -196,6 +196,22 @@ def test_the_schedule_is_told_by_the_class_so_a_resume_past_it_is_refused_before
     assert "steps 11-12 would all train at min_lr 1e-05;" in schedule_overrun(12, 10.0, 2.0, 1e-3, 1e-5, lr)
 
 
+def test_a_two_step_schedules_warning_and_resume_refusal_say_which_lr_each_is():
+    """--max-steps 2 cuts the default warm-up to the whole schedule: its step 2 trains at half the peak lr, which
+    only the steps past its end would reach. The warning's lr and the refusal's are each named, and agree."""
+    from types import SimpleNamespace
+
+    from lomar.train.schedule import schedule_overrun, warmup_warning
+    from lomar.train.segment import SegmentTask
+
+    lr = SegmentTask.lr_schedule_of(SegmentConfig())
+    warned = warmup_warning(2, 2.0, 2.0, 1e-3, 0.0, lr, config=SimpleNamespace(warmup_steps=1500))
+    assert "the lr peaks at 0.0005 (step 2's, the run's highest) instead of the peak lr 0.001 and never" in warned
+    refused = schedule_overrun(4, 2.0, 2.0, 1e-3, 0.0, lr, config=SimpleNamespace(max_steps=4, resume="last.pt"))
+    assert ("steps 3-4 would all train at lr 0.001, the peak lr: its warm-up ends with its schedule, whose last "
+            "step, 2, trains at 0.0005, the highest lr of the schedule; end it at --max-steps 2") in refused, refused
+
+
 def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_path):
     """The backbone trains an absolute table by default; --no-train-pos-embed keeps it out of the optimizer."""
     from helpers import pretrain
