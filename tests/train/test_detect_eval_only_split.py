@@ -59,3 +59,43 @@ def test_eval_only_of_a_checkpoint_naming_no_split_asks_for_val_ann(tmp_path, ca
     assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
     assert capsys.readouterr().err == ("lomar detect: error: pass --val-ann FILE (COCO instances JSON) and "
                                        "--val-images DIR: the split AP is scored on\n")
+
+
+def _relative_detector(tmp_path, out):
+    """A detector whose run recorded its split relative (as lomar did before 2026-12-05) and its --out as ``out``,
+    in ``tmp_path/proj/runs/det``; the run started in ``tmp_path/proj``, where its split is."""
+    (tmp_path / "proj" / "coco" / "valid").mkdir(parents=True)
+    (tmp_path / "proj" / "coco" / "valid.json").write_text("{}")
+    (run := tmp_path / "proj" / "runs" / "det").mkdir(parents=True)
+    torch.save({"format": DETECT_FORMAT, "step": 2, "settings": {"val_ann": "coco/valid.json", "img_size": 64,
+                                                                "val_images": "coco/valid", "out": out}},
+               path := run / "last.pt")
+    return path
+
+
+def test_eval_only_finds_a_split_recorded_relative_under_the_folder_its_run_started_in(tmp_path, capsys, monkeypatch):
+    """That folder is the run folder less the --out the run recorded, not this working folder."""
+    path = _relative_detector(tmp_path, "runs/det")
+    (elsewhere := tmp_path / "elsewhere" / "coco").mkdir(parents=True)
+    (elsewhere / "valid.json").write_text("{}")  # another split under the same relative name: not the run's
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    proj = tmp_path / "proj"
+    assert (resolved["val_ann"], resolved["val_images"]) == (str(proj / "coco/valid.json"), str(proj / "coco/valid"))
+
+
+def test_eval_only_of_a_split_recorded_relative_where_its_run_folder_does_not_tell_it(tmp_path, capsys, monkeypatch):
+    """--out recorded absolute: the split is looked for under this folder, and refused in one line where absent."""
+    path = _relative_detector(tmp_path, str(tmp_path / "proj" / "runs" / "det"))
+    (here := tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(here)
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == (
+        f"lomar detect: error: --eval-only scores {path} on the split its run scored, coco/valid.json, recorded "
+        f"relative to the folder that run was started in, which its checkpoint does not tell, and not under this "
+        f"folder ({here}); run this from the folder that run was started in, or pass --val-ann FILE (and "
+        f"--val-images DIR) of the split to score\n")
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["val_ann"] == str(tmp_path / "proj" / "coco/valid.json")

@@ -24,6 +24,7 @@ from lomar.train.encoder_settings import (
     random_encoder_patch,
     rebuilt_encoder_config,
 )
+from lomar.train.recorded_paths import recorded_path
 from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.task_config import TaskConfig
@@ -149,12 +150,15 @@ class DetectConfig(TaskConfig):
                 scored = _SCORED_ON if self.eval_only and "val_ann" not in explicit else ()
                 taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT + scored and k not in explicit
                          and (v is not None or k not in scored)}  # a split it names; none: --val-ann is asked for
+                scores = f"--eval-only scores {self.detector.path} on the split its run scored"
+                for name in (k for k in scored if isinstance(taken.get(k), str)):
+                    taken[name] = recorded_path(taken[name], settings, self.detector.path, scores,
+                                                "pass --val-ann FILE (and --val-images DIR) of the split to score")
                 for name, value in coerce_all(type(self), taken, str(self.detector.path), strict=False).items():
                     setattr(self, name, value)
                 if "val_ann" in taken and not Path(self.val_ann).is_file():  # not a --val-ann the user typed
-                    raise ConfigError(f"--eval-only scores {self.detector.path} on the split its run scored, "
-                                      f"{self.val_ann}, which is not a file now; pass --val-ann FILE (and --val-images "
-                                      f"DIR) of the split to score")
+                    raise ConfigError(f"{scores}, {self.val_ann}, which is not a file now; pass --val-ann FILE (and "
+                                      f"--val-images DIR) of the split to score")
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
                 setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
