@@ -11,7 +11,8 @@ Where each idea lives:
   :func:`~lomar.checkpoints.formats.load_model` gives any checkpoint's model), the readers' shared pieces
   :mod:`.reader`, BEiT's readers :mod:`.formats_beit`, ``lomar detect``'s and ``lomar segment``'s
   :mod:`.formats_dense`, the original code's :mod:`.original`, their key maps
-  :mod:`.keys` and :mod:`.keys_beit`, a sharded ``--fsdp`` folder :mod:`.sharded`;
+  :mod:`.keys` and :mod:`.keys_beit`, timm's ViT layouts lomar's keys lack :mod:`.timm_layout`, a sharded ``--fsdp``
+  folder :mod:`.sharded`;
 - writing an encoder for downstream use (safetensors + config.json): :mod:`.export` (BEiT's: :mod:`.export_beit`;
   the two files swapped in together: :mod:`.export_write`, :mod:`.export_leftovers`); what ``lomar export`` and
   ``lomar load-original`` take of a model and our checkpoint of one: :mod:`.convert`.

@@ -27,6 +27,7 @@ from lomar.checkpoints.keys import (
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import EncoderWeights, Reader, Source, refuse_unused, register
+from lomar.checkpoints.timm_layout import lomar_layout, saved_size, timm_layouts
 from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
 from lomar.models.masking import grid_size, window_positions
@@ -166,8 +167,12 @@ def _check_tiles(config: ViTConfig) -> None:
 
 def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True) -> nn.Module:
     """The model of an original checkpoint; not ``whole``: a pretraining model's encoder alone (see :func:`_infer`),
-    checked and loaded as the whole model's is."""
+    checked and loaded as the whole model's is. A timm ViT's layout lomar's keys lack is read in lomar's
+    (:func:`~lomar.checkpoints.timm_layout.lomar_layout`), a given ``img_size`` before a saved one telling its table."""
     _refuse_beit(data.get("model", data), path)
+    state = data.get("model", data)
+    if (ours := lomar_layout(state, path, overrides.get("img_size") or saved_size(data))) is not state:
+        data = {**data, "model": ours} if "model" in data else ours
     method, settings = _infer(data, dict(overrides), whole, path)
     state = data.get("model", data)
     try:  # a value the run's saved args give (norm_pix_loss='no', say) would otherwise read as a flag's
@@ -292,6 +297,30 @@ class OriginalReader(Reader):
         return EncoderWeights(config, state, dropped, f"original checkpoint ({self.method})")
 
 
+class TimmLayoutReader(Reader):
+    """A timm ViT encoder or classifier in a layout lomar's keys lack (layer scale, a bias-less qkv, a table without
+    the class token's entry; register tokens, refused): read as an original one once in lomar's layout
+    (:mod:`lomar.checkpoints.timm_layout`). Asked before lomar's own ViT reader, whose keys a bias-less qkv or a
+    ``no_embed_class`` table also match."""
+
+    name = "timm-vit"
+
+    def detect(self, data, state):
+        return bool(timm_layouts(state, saved_size(data)))
+
+    def model(self, src, overrides):
+        return _original_model(src.data, src.path, dict(overrides))
+
+    def encoder(self, src, overrides):
+        _refuse_beit(src.state, src.path)
+        size = saved_size(src.data)
+        state = lomar_layout(src.state, src.path, size)
+        method = "classifier" if "head.weight" in state else "encoder"
+        weights = OriginalReader(self.name, method).encoder(replace(src, state=state), overrides)
+        return replace(weights, source=f"timm ViT ({', '.join(timm_layouts(src.state, size))})")
+
+
+register(TimmLayoutReader(), 15)
 register(OriginalReader("original-mae", "mae"), 70)
 register(OriginalReader("original-classifier", "classifier"), 80)
 register(OriginalReader("original-lomar", "lomar"), 90)
