@@ -23,7 +23,7 @@ def started_in(out: object, checkpoint: str | Path) -> Path | None:
     if ".." in down:
         return None
     folder = Path(os.path.abspath(Path(checkpoint).parent))
-    if down == (".",):
+    if not down:  # --out .: the run folder is the folder it was started in
         return folder
     if folder.parts[-len(down):] != down:
         return None

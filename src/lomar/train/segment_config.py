@@ -22,6 +22,7 @@ from lomar.train.encoder_settings import (
     pretrained_encoder,
     rebuilt_encoder_config,
 )
+from lomar.train.recorded_paths import recorded_path
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.task_config import TaskConfig
@@ -129,6 +130,9 @@ class SegmentConfig(TaskConfig):
             taken = {k: v for k, v in own.items() if k in SEGMENTER_OWN + _EVALUATED and k not in explicit}
             if explicit.get("img_size", own.get("img_size")) != own.get("img_size"):
                 taken.pop("eval_stride", None)
+            if isinstance(taken.get("data"), str):
+                taken["data"] = recorded_path(taken["data"], own, saved, f"--eval-only scores {saved} on the data "
+                                              f"its run scored", "pass --data ROOT of the dataset to score")
             for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                 setattr(self, name, value)
         # a flag only: a run's config.yaml records its stride, which a whole-image scoring of the run leaves
