@@ -114,3 +114,13 @@ def test_a_given_size_tells_a_class_entry_and_a_non_square_grid_from_no_embed_cl
         ours = load_original(path, num_heads=2, img_size=(24, 40)).eval()
         torch.testing.assert_close(ours.forward_features(images), model.forward_features(images), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.pos_embed, model.pos_embed)
+
+
+def test_a_non_square_no_embed_class_table_is_read_at_the_size_given(tmp_path):
+    """24 entries at 32x48 px: no square either way, so the size is asked for, and given, it tells the table has no
+    class entry (4x6 cells, not 1 + 23)."""
+    model, path = _timm_vit(tmp_path, no_embed_class=True, img_size=(32, 48))
+    images = _images(model)
+    with torch.no_grad():
+        ours = load_original(path, num_heads=2, img_size=(32, 48)).eval()
+        torch.testing.assert_close(ours.forward_features(images), model.forward_features(images), atol=1e-5, rtol=0)
