@@ -285,14 +285,16 @@ def test_only_what_help_does_not_load_is_deferred_for_it():
 
 
 # What runs before torch is needed imports none: `lomar --help` and the commands' argument checks, the helpers below
-# both eval and train, and gpu_check.sh's test-set maker (a process of its own per set, within the set's limit).
+# both eval and train, gpu_check.sh's test-set maker (a process of its own per set, within the set's limit), and
+# lomar bench --task backbone's parent, which plans and starts a process per variant (each imports torch itself).
 TORCH_FREE = ("lomar.values", "lomar.errors", "lomar.yaml_io", "lomar.progress_bar", "lomar.lr_schedule",
               "lomar.cli.app", "lomar.cli.command_lines", "lomar.cli.stop_signals", "lomar.cli.suggest",
               "lomar.cli.probe", "lomar.train.settings",
               "lomar.train.setting_names", "lomar.train.task_config", "lomar.train.settings_resume",
               "lomar.train.config_checks", "lomar.train.preemption", "lomar.train.process_count",
               "lomar.checkpoints.kinds", "lomar.checkpoints.file_names", "lomar.checkpoints.run_folder",
-              "lomar.bench.testset",
+              "lomar.bench.testset", "lomar.bench.backbone_plan", "lomar.bench.report",
+              "lomar.models", "lomar.models.vit_config", "lomar.models.attention_sizes",
               "lomar.data.demo_images", "lomar.data.image_names", "lomar.data.class_roots")
 
 

@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker or an IDE reads for the names below, which run time imports on first use
+    from lomar.checkpoints.export import create_encoder as create_encoder
+    from lomar.checkpoints.export import export_encoder as export_encoder
+    from lomar.checkpoints.formats import load_model as load_model
+    from lomar.checkpoints.io import atomic_save as atomic_save
+    from lomar.checkpoints.io import safe_load as safe_load
+    from lomar.checkpoints.keys import lomar_from_original as lomar_from_original
+    from lomar.checkpoints.keys import lomar_to_original as lomar_to_original
+    from lomar.checkpoints.original import load_original as load_original
+    from lomar.models.lomar import LoMaR as LoMaR
+    from lomar.models.mae import MAE as MAE
+    from lomar.models.masking import MaskingPlan as MaskingPlan
+    from lomar.models.masking import sample_plan as sample_plan
+    from lomar.models.vit import VisionTransformer as VisionTransformer
+    from lomar.models.vit import ViTConfig as ViTConfig
+    from lomar.models.vit import list_models as list_models
+    from lomar.models.vit import model_config as model_config
 
 __version__ = "0.1.0"
 
@@ -19,8 +38,8 @@ _EXPORTS = {
     "load_model": "lomar.checkpoints.formats",
     "MaskingPlan": "lomar.models.masking",
     "sample_plan": "lomar.models.masking",
-    "LoMaR": "lomar.models",
-    "MAE": "lomar.models",
+    "LoMaR": "lomar.models.lomar",
+    "MAE": "lomar.models.mae",
     "ViTConfig": "lomar.models.vit",
     "VisionTransformer": "lomar.models.vit",
     "list_models": "lomar.models.vit",

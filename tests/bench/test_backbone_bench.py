@@ -5,10 +5,16 @@ CPU mode (``tests/bench/test_gpu_check_script.py``, one child per part); each en
 step is checked here in this process.
 """
 
+import json
+import sys
 
+import torch
 
-from lomar.bench.backbone import ENCODERS, bench_backbone, estimate_bytes, format_table, model_flops, run_variant
-from lomar.bench.report import describe
+from lomar.bench import backbone_plan
+from lomar.bench.backbone import run_variant
+from lomar.bench.backbone_plan import ELEMENT_BYTES, ENCODERS, bench_backbone, estimate_bytes, format_table, model_flops
+from lomar.bench.report import describe, machine_name
+from lomar.bench.timing import DTYPES
 from lomar.cli.app import main
 
 
@@ -35,6 +41,8 @@ def test_every_encoder_and_attention_is_timed_and_flex_is_skipped_with_its_reaso
                                device="cpu", grad_checkpointing=True, precision="fp32", steps=1, warmup=0, tiny=True))
         assert len(out["step_times_s"]) == 1 and out["step_times_s"][0] > 0, (variant, encoder)
         assert out["peak_mem_kind"] == "cpu_rss_growth"
+        assert out["runtime"] == dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                                      machine=machine_name(torch.device("cpu")))
     (rec,) = bench_backbone("vit_base_patch16", [64], ["flex"], 1, True, "cpu", tiny=True)
     assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
 
@@ -65,3 +73,32 @@ def test_the_table_says_what_its_figures_are_and_how_far_apart_the_steps_lay():
                                step_times_s=[1.0, 2.0, 3.0], peak_mem_bytes=2**20, estimated_bytes=2**20)])
     assert table.splitlines()[0].split()[5] == "spread" and " 2.00   100% " in table
     assert table.endswith("spread: (slowest - fastest) / median of the timed steps")
+
+
+def test_the_planner_sizes_elements_as_the_children_do():
+    assert ELEMENT_BYTES == {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+def test_a_cpu_run_plans_and_writes_its_records_without_torch(tmp_path, monkeypatch, capsys):
+    """The parent only plans, starts one child per variant and writes what they measured: torch (~5 s a process)
+    is the children's. Here an import of torch fails (None in sys.modules), the child is a stand-in giving what
+    run_variant gives, and the meta's torch, threads and machine are the child's."""
+    specs = []
+
+    def child(spec):
+        specs.append(spec)
+        return dict(status="ok", step_times_s=[0.5], peak_mem_bytes=2**20, peak_mem_kind="cpu_rss_growth",
+                    runtime=dict(torch="9.9", threads=3, machine="a CPU, 3 threads"))
+
+    monkeypatch.setattr(backbone_plan, "_child", child)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--task", "backbone", "--model", "vit_tiny_patch8", "--sizes", "64", "--attention",
+                 "chunked", "flex", "--device", "cpu", "--precision", "fp32", "--tiny", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["attention"], r["status"]) for r in result["records"]] == [("chunked", "ok"), ("flex", "skipped")]
+    assert "runtime" not in result["records"][0] and result["records"][0]["step_s"] == 0.5
+    assert [s["variant"] for s in specs] == ["chunked"]
+    meta = result["meta"]
+    assert (meta["torch"], meta["threads"], meta["machine"], meta["device"]) == ("9.9", 3, "a CPU, 3 threads", "cpu")
+    assert "3 threads" in capsys.readouterr().out

@@ -157,8 +157,9 @@ def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):
     runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)
     runner.measure_memory()  # the step runs, its memory unknown
     assert runner.peak_mem == (-1, "none")
-    from lomar.bench import backbone
+    from lomar.bench import backbone_plan
 
-    monkeypatch.setattr(backbone, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False)
+    monkeypatch.setattr(backbone_plan, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])),
+                        raising=False)
     monkeypatch.delattr("os.sysconf")  # Windows; macOS's lacks SC_AVPHYS_PAGES (ValueError)
-    assert backbone.available_bytes("cpu") is None  # unknown: the variant runs, no estimate can skip it
+    assert backbone_plan.available_bytes("cpu") is None  # unknown: the variant runs, no estimate can skip it

@@ -48,7 +48,7 @@ def test_model_flag_lists_the_models():
 
 def test_torch_free_choices_equal_the_models_own():
     """The flags' choices are written out (no torch for --help); they must name what the code builds."""
-    from lomar.bench.backbone import ENCODERS
+    from lomar.bench.backbone_plan import ENCODERS
     from lomar.models.vit_config import REL_POS_MODES
     from lomar.train.settings import REL_POS
 

@@ -9,6 +9,7 @@ import torch
 from lomar import VisionTransformer, ViTConfig
 from lomar.models import attention as A
 from lomar.models import rpe
+from lomar.models.attention_sizes import CHUNK_BIAS_BYTES
 from lomar.models.backbones import ViTDetBackbone
 from lomar.models.rpe import bucket_table
 
@@ -132,7 +133,7 @@ def test_auto_selection_falls_back_to_chunked_on_cpu():
     with pytest.raises(ValueError, match="needs CUDA for training"):
         A.rpe_attention(q, k, v, table, (2, 2), "flex")
     rows = A.chunk_rows(1, 12, 16385)
-    assert 16 <= rows and rows * 12 * 16385 * 4 <= A.CHUNK_BIAS_BYTES
+    assert 16 <= rows and rows * 12 * 16385 * 4 <= CHUNK_BIAS_BYTES
 
 
 def _encoder(pos, seed=0, **overrides):

@@ -1,7 +1,9 @@
 """What ``lomar bench`` reports: window settings per size, ratios, the table, the plot, the machine.
 
 Imports no torch and no pyplot: the figure is drawn on a plain :class:`matplotlib.figure.Figure`,
-so no global backend is chosen on anyone's behalf.
+so no global backend is chosen on anyone's behalf; matplotlib and the figure writer (whose module imports torch) are
+imported by :func:`plot_times` alone, so that ``--task backbone``'s torch-free parent and its children describe their
+run without them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ import platform
 from pathlib import Path
 from typing import TextIO
 
-from matplotlib.figure import Figure
-
 from lomar.bench import stats
-from lomar.viz.reconstruction import save_figure
 
 __all__ = ["compare", "beit_comparisons", "print_table", "plot_times", "machine_name", "describe", "shape"]
 
@@ -229,6 +228,10 @@ def plot_times(records: list[dict], path: str | Path, subtitle: str = "") -> Pat
             labels.append(f"{name}, {r['windows']} windows")
         for label in labels:
             series.setdefault(label, []).append((r["img_size"], r["step_s"]))
+    from matplotlib.figure import Figure
+
+    from lomar.viz.reconstruction import save_figure  # torch and matplotlib: for --plot alone
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for label, points in series.items():

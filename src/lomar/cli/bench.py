@@ -12,7 +12,7 @@ An integer N uses N windows at every size: LoMaR's cost is then independent of t
 
 ``--task loader`` times images/s per loader worker next to the model's step rate
 (:mod:`lomar.bench.loader`); ``--make-test-set KIND`` first writes a realistic JPEG test set from the
-demo photographs into ``--data``. ``--task backbone``: :mod:`lomar.bench.backbone`.
+demo photographs into ``--data``. ``--task backbone``: :mod:`lomar.bench.backbone_plan`.
 """
 
 from __future__ import annotations
@@ -154,10 +154,16 @@ def _start(args: argparse.Namespace):
     args.precision = resolve_precision(args.precision, device)
     if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
+    say, command = _say_and_command(args)
+    return device, say, dict(command=command, torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def _say_and_command(args: argparse.Namespace):
+    """(the progress printer, the command line the JSON's meta records)."""
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     # the JSON's record of the command, to run again as it ran: a path with a space stays one argument
     command = command_line("lomar", "bench", *sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
-    return device, say, dict(command=command, torch=torch.__version__, threads=torch.get_num_threads())
+    return say, command
 
 
 def _write(args: argparse.Namespace, say, **result) -> None:
@@ -285,20 +291,32 @@ def _report(result: dict, profiles: list[dict]) -> None:
 
 
 def _run_backbone(args: argparse.Namespace) -> int:
-    """``--task backbone``: see :mod:`lomar.bench.backbone`."""
+    """``--task backbone``: see :mod:`lomar.bench.backbone_plan`."""
     patch = patch_size(args)
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
-    from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
-    from lomar.bench.report import describe, machine_name  # torch: not for --help
+    from lomar.bench.backbone_plan import bench_backbone, format_table  # its planner's code: not for --help
+    from lomar.bench.report import describe, machine_name  # its table's code: not for --help
 
-    device, say, meta = _start(args)
+    # The children time the steps, each importing torch: this process imports it (seconds) only where the hardware
+    # decides, --device auto or cuda (is it there, its free memory) or --precision auto; the meta's torch, threads
+    # and machine are otherwise the first child's.
+    if args.device == "cpu" and args.precision != "auto":
+        device, (say, command) = "cpu", _say_and_command(args)
+        meta = dict(command=command, torch=None, threads=None, machine=None)
+    else:
+        torch_device, say, meta = _start(args)
+        device, meta["machine"] = str(torch_device), machine_name(torch_device)
     started = time.perf_counter()
     meta.update(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
-                precision=args.precision, device=str(device), steps=args.steps, warmup=args.warmup,
-                grad_checkpointing=args.grad_checkpointing, machine=machine_name(device),
-                load_avg_before=load_average(), timed="forward + backward passes of the encoder alone (no head, no "
-                "optimizer)", order="each in a process of its own, one after another (not interleaved)")
+                precision=args.precision, device=device, steps=args.steps, warmup=args.warmup,
+                grad_checkpointing=args.grad_checkpointing, load_avg_before=load_average(),
+                timed="forward + backward passes of the encoder alone (no head, no optimizer)",
+                order="each in a process of its own, one after another (not interleaved)")
+
+    def runtime(child: dict) -> None:
+        if meta["machine"] is None:
+            meta.update(child)
 
     def save(records: list[dict], done: bool = False) -> None:
         """After every record, so a long run that is stopped keeps what it measured."""
@@ -306,8 +324,8 @@ def _run_backbone(args: argparse.Namespace) -> int:
         _write(args, say if done else lambda msg: None, meta=meta, records=records)
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
-                             str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
-                             on_record=save, depth=args.depth, encoders=args.encoders)
+                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
+                             on_record=save, depth=args.depth, encoders=args.encoders, on_runtime=runtime)
     meta.update(load_avg_after=load_average())
     print(describe(meta))
     print(format_table(records))

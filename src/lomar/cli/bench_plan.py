@@ -15,7 +15,7 @@ __all__ = ["patch_size", "plan_configurations"]
 
 def patch_size(args: argparse.Namespace) -> int:
     """The patch size of ``--model`` (every task's sizes are checked against its grid)."""
-    from lomar.models.vit import model_config  # torch: not for --help
+    from lomar.models.vit_config import model_config  # the model table: not for --help
 
     try:
         return model_config(args.model).patch_size

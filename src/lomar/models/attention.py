@@ -12,10 +12,11 @@ All three compute softmax(q·kᵀ·d^-½ + B) v with B[i, j] = (q_i·W)[bucket(i
   (q_idx, kv_idx): no L×L tensor at all, backward included. CUDA only (FlexAttention has no CPU
   backward), compiled once per shape.
 
-``auto`` picks dense for sequences of at most :data:`DENSE_MAX_TOKENS` (there the bias is no
+``auto`` picks dense for sequences of at most ``DENSE_MAX_TOKENS`` (there the bias is no
 larger than the block's other activations, whatever the batch) or while the bias of one block
-stays under :data:`DENSE_BIAS_BYTES`; else flex on CUDA and chunked elsewhere. Without RPE every
-mode is plain SDPA, whose fused kernels are already O(L) in memory.
+stays under ``DENSE_BIAS_BYTES`` (both in :mod:`lomar.models.attention_sizes`); else flex on CUDA
+and chunked elsewhere. Without RPE every mode is plain SDPA, whose fused kernels are already O(L)
+in memory.
 """
 
 from __future__ import annotations
@@ -26,16 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lomar.models.attention_sizes import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES, DENSE_MAX_TOKENS
 from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
-__all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "select_mode", "chunk_rows",
-           "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
-           "vitdet_global_blocks"]
+__all__ = ["ATTENTION_MODES", "select_mode", "chunk_rows", "rpe_attention", "biased_attention", "flex_available",
+           "irpe_score_mod", "windowed_attention", "vitdet_global_blocks"]
 
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
-DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
-DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 image, ViT-B: 48x48 grid)
-CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
 
 
 def flex_available(device: torch.device) -> bool:
@@ -134,7 +132,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
 
     table: the iRPE parameter (d, 50) or None (no relative position). key_bias: (B, 1, 1, L)
     added to every logit of a key (−inf masks padding), or None. ``mode``: see the module
-    docstring; ``chunk`` queries per chunk (default from :data:`CHUNK_BIAS_BYTES`); ``recompute``
+    docstring; ``chunk`` queries per chunk (default from ``CHUNK_BIAS_BYTES``); ``recompute``
     rebuilds each chunk in the backward pass instead of keeping its bias.
     """
     b, h, length, _ = q.shape
