@@ -294,7 +294,7 @@ def test_a_png_whose_pixel_data_ends_rows_early_is_refused_not_filled_black(tmp_
 
 def test_a_png_cut_short_with_exif_before_its_pixels_is_named_by_its_file_under_decode_windows(tmp_path):
     """An eXIf chunk before the pixels is read at open, so the crop's reduced decode is the first to load them: the
-    cut is found there, and named by the file, as load_image names it (not '<bytes>')."""
+    cut is found there: an unreadable item of the file, with the cut's reason, as load_image refuses it."""
     from crafted import png_chunk
 
     data = _short_grey_png(64, 48, rows=10)
@@ -304,7 +304,7 @@ def test_a_png_cut_short_with_exif_before_its_pixels_is_named_by_its_file_under_
     base = ImageListDataset([short], PretrainTransform(32), masker=masker)
     item = FastPretrainDataset(base, "windows", patch_size=8, window_size=2, num_windows=1)[0]
     assert item["image"] is None
-    assert item["why"].startswith(f"cannot decode image {short}: its PNG pixel data ends before the last rows")
+    assert item["path"] == str(short) and item["why"].startswith("its PNG pixel data ends before the last rows")
 
 
 def test_an_interlaced_png_cut_in_its_last_pass_is_refused_though_its_last_row_is_whole():

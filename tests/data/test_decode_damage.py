@@ -148,16 +148,16 @@ def test_a_jpeg_cut_short_then_closed_is_refused_by_every_decode_path_not_decode
 
 def test_a_file_cut_short_found_by_a_reduced_decode_is_named_by_its_file(tmp_path):
     """pretrain's --decode draft decodes a crop at a reduced scale from the file's bytes: a JPEG found cut short there
-    is named by its file, as every other decode path names it, not as '<bytes>' (a PNG under --decode windows:
-    test_a_png_whose_pixel_data_ends_rows_early_is_refused_not_filled_black)."""
+    is an unreadable item of its file, with the cut's reason, as every other decode path gives it (a PNG under
+    --decode windows: test_a_png_cut_short_with_exif_before_its_pixels_is_named_by_its_file_under_decode_windows)."""
     from lomar.data.fast_decode import FastPretrainDataset
-    from lomar.data.jpeg_cut import cut_message
+    from lomar.data.jpeg_cut import cut_error
 
     data = _jpeg()
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data[:len(data) // 2] + b"\xff\xd9")
     item = FastPretrainDataset(build_pretrain_dataset(str(tmp_path), 16, scale=(1.0, 1.0)), "draft")[(0, 0)]
-    assert item["image"] is None and item["why"] == cut_message(str(cut))
+    assert item["image"] is None and item["path"] == str(cut) and item["why"] == cut_error(str(cut)).reason
 
 
 def test_a_whole_jpeg_with_a_mid_grey_corner_decodes_on_every_path(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from lomar.data.coco import CocoSplit, size_mismatch
 from lomar.data.collate import UNREADABLE_LIMIT
 from lomar.data.decode import open_pil, oriented_size, read_image_bytes
+from lomar.data.image_errors import ImageFileError
 from lomar.errors import UsageError, exception_line
 
 __all__ = ["unusable_image", "check_split_images"]
@@ -25,7 +26,7 @@ def unusable_image(split: CocoSplit, image: dict) -> str | None:
     except ValueError as exc:  # open_pil's and read_image_bytes' name the file
         return exception_line(exc)
     except OSError as exc:  # oriented_size's, from a PNG decoded to look for EXIF after its pixels, name none
-        return f"cannot decode image {path}: {exception_line(exc)}"
+        return str(ImageFileError(path, exception_line(exc)))
     if upright != (round(image["height"]), round(image["width"])):
         return size_mismatch(path, upright, stored, split.path, image["width"], image["height"])
     return None

@@ -6,9 +6,10 @@ is decoded before its width x height, read from the header the way the decoder t
 decode it reads it (:mod:`lomar.data.headers`), is within :func:`max_image_pixels`; and no
 path is opened unless it is a regular file of at most :func:`max_image_bytes`. So a small
 crafted file cannot expand into gigabytes, and a FIFO or a device named like an image neither
-blocks nor streams forever: each is an unreadable image (ValueError naming it), skipped and
-counted by the datasets. So is a JPEG cut short and then closed, which libjpeg and Pillow would decode with the rest
-grey (:mod:`lomar.data.jpeg_cut`), a PNG or a TIFF whose rows end early (:mod:`~lomar.data.png_cut`, ``tiff_cut``).
+blocks nor streams forever: each is an unreadable image (a ValueError naming it,
+:class:`~lomar.data.image_errors.ImageFileError`), skipped and counted by the datasets. So is a JPEG cut short and
+then closed, which libjpeg and Pillow would decode with the rest grey (:mod:`lomar.data.jpeg_cut`), a PNG or a TIFF
+whose rows end early (:mod:`~lomar.data.png_cut`, ``tiff_cut``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch
 from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
-from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
+from lomar.data.image_errors import READ, ImageFileError
+from lomar.data.jpeg_cut import cut_error, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
-from lomar.data.png_cut import PNG_CUT, png_cut_message, png_cut_short
-from lomar.data.tiff_cut import tiff_cut, tiff_cut_message
+from lomar.data.png_cut import PNG_CUT, png_cut_error, png_cut_short
+from lomar.data.tiff_cut import tiff_cut, tiff_cut_error
 from lomar.errors import exception_line
 from lomar.limits import env_limit
 
@@ -63,10 +65,10 @@ def _check_file(path: str | Path, info: os.stat_result, limit: int) -> None:
         kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
         kind = next((text for test, text in kinds if test(info.st_mode)), "not a regular file")
-        raise ValueError(f"cannot read {path}: it is {kind}, not an image file; remove it from the data")
+        raise ImageFileError(path, f"it is {kind}, not an image file; remove it from the data", READ)
     if info.st_size > limit:
-        raise ValueError(f"cannot read {path}: {info.st_size:,} bytes is over the limit of {limit:,} for one image; "
-                         f"shrink it or raise LOMAR_MAX_IMAGE_BYTES")
+        raise ImageFileError(path, f"{info.st_size:,} bytes is over the limit of {limit:,} for one image; shrink it "
+                                   f"or raise LOMAR_MAX_IMAGE_BYTES", READ)
 
 
 def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
@@ -84,40 +86,40 @@ def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
             return handle.read(info.st_size)  # what a growing file held when checked
     except FileNotFoundError as exc:  # a dangling link is listed as an image: `ls` shows it, so say what it is
         if link := dangling_link(path):
-            raise ValueError(f"cannot read {path}: it is {link}; fix or remove the link") from exc
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            raise ImageFileError(path, f"it is {link}; fix or remove the link", READ) from exc
+        raise ImageFileError(path, str(exc.strerror or exc), READ) from exc
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ImageFileError(path, str(exc.strerror or exc), READ) from exc
 
 
 def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
     if width * height > limit:
-        raise ValueError(f"cannot decode image {name}: {width}x{height} = {width * height:,} pixels is over the "
-                         f"limit of {limit:,}; shrink it or raise LOMAR_MAX_IMAGE_PIXELS")
+        raise ImageFileError(name, f"{width}x{height} = {width * height:,} pixels is over the "
+                                   f"limit of {limit:,}; shrink it or raise LOMAR_MAX_IMAGE_PIXELS")
 
 
 def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None, int]:
     """(format, size from the header its own decoder reads, pixel limit: ``max_pixels`` or the default), the
     size checked against the limit. A JPEG or WebP without a readable size is refused, as libjpeg / libwebp do."""
     if not data:
-        raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
+        raise ImageFileError(name, "the file is empty (0 bytes)")
     limit = max_pixels if max_pixels is not None else max_image_pixels()
     kind, size = declared_size(data)
     if kind in ("jpeg", "webp") and size is None:
         what = ("a JPEG without exactly one frame header (SOF) before its data" if kind == "jpeg"
                 else "a WebP without a size")
-        raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
+        raise ImageFileError(name, f"{what}; the file is damaged or crafted")
     if size is not None:
         _check_pixels(name, *size, limit)
     if kind == "png" and (bad := png_bad_chunk(data)):  # about 1 ms a MB
-        raise ValueError(f"cannot decode image {name}: a damaged PNG file (its {bad[0]} chunk at byte {bad[1]:,} fails "
-                         f"its CRC check); replace or remove it")
+        raise ImageFileError(name, f"a damaged PNG file (its {bad[0]} chunk at byte {bad[1]:,} fails "
+                                   f"its CRC check); replace or remove it")
     # libjpeg decodes every scan over the whole frame: a repeated 31-byte scan cost 10 ms on a 16 MP frame, so a
     # few hundred kB of them stall a worker for minutes. FF DA (a scan's start) cannot occur in entropy-coded data.
     # Counting reads the whole file (about 1 ms a MB): not for a photo libjpeg reads one scan of (most cameras').
     if kind == "jpeg" and not jpeg_single_scan(data) and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise ValueError(f"cannot decode image {name}: a JPEG of {scans:,} scans, over the {MAX_JPEG_SCANS} any "
-                         f"encoder writes (progressive ones write about 10); the file is damaged or crafted")
+        raise ImageFileError(name, f"a JPEG of {scans:,} scans, over the {MAX_JPEG_SCANS} any "
+                                   f"encoder writes (progressive ones write about 10); the file is damaged or crafted")
     return kind, size, limit
 
 
@@ -138,27 +140,27 @@ def _open_checked(data: bytes, name: str, kind: str | None, size: tuple[int, int
     except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
         found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
         pixels, pil_limit = (int(found[1]), int(found[2])) if found else (0, limit)
-        raise ValueError(f"cannot decode image {name}: {pixels:,} pixels is over the limit of "
-                         f"{min(limit, pil_limit):,} (Pillow refuses it as a possible decompression bomb); "
-                         f"shrink it") from None
+        raise ImageFileError(name, f"{pixels:,} pixels is over the limit of "
+                                   f"{min(limit, pil_limit):,} (Pillow refuses it as a possible decompression bomb); "
+                                   f"shrink it") from None
     except Exception:  # UnidentifiedImageError, or whatever a plugin raises on a malformed header
         # Pillow's own message names an anonymous BytesIO: say what the file is instead.
         if kind:  # its signature is one of ours (a WebP cut short fails here, at open): not another format
-            raise ValueError(f"cannot decode image {name}: a damaged or truncated {kind.upper()} file ({len(data):,} "
-                             f"bytes); replace or remove it") from None
+            raise ImageFileError(name, f"a damaged or truncated {kind.upper()} file ({len(data):,} "
+                                       f"bytes); replace or remove it") from None
         foreign = foreign_format(data)
         if foreign:  # its name says JPEG or PNG (a folder search passes over .heic files, with a warning)
-            raise ValueError(f"cannot decode image {name}: it is a photo in {foreign}, a format lomar does not read "
-                             f"(JPEG, PNG, GIF, BMP, TIFF, WebP); convert it to JPEG or PNG") from None
-        raise ValueError(f"cannot decode image {name}: not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
-                         f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
+            raise ImageFileError(name, f"it is a photo in {foreign}, a format lomar does not read "
+                                       f"(JPEG, PNG, GIF, BMP, TIFF, WebP); convert it to JPEG or PNG") from None
+        raise ImageFileError(name, f"not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
+                                   f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
     try:
         if kind == "jpeg" and img.format in JPEG_FORMATS and img.size != size:
-            raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
-                             f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
+            raise ImageFileError(name, f"its JPEG frame headers disagree on the size ({size[0]}x{size[1]} first, "
+                                       f"{img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
         _check_pixels(name, *img.size, limit)
         if img.format == "TIFF" and (cut := tiff_cut(data)):  # from its tags: before a pixel is allocated
-            raise ValueError(tiff_cut_message(name, cut))
+            raise tiff_cut_error(name, cut)
     except ValueError:
         img.close()
         raise
@@ -251,33 +253,32 @@ def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> torch
         with _open_checked(data, name, kind, size, limit) as img:
             img.load()
             if img.format == "PNG" and png_cut_short(img, data):
-                raise ValueError(png_cut_message(name))
+                raise png_cut_error(name)
             # Pillow turns a TIFF by its orientation tag as it loads it: exif_transpose has nothing left to do
             img = img if img.format == "TIFF" else ImageOps.exif_transpose(img)
             if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
-                raise ValueError(f"cannot decode image {name}: a 32-bit floating-point image has no known value range; "
-                                 f"convert it to 8 or 16 bits")
+                raise ImageFileError(name, "a 32-bit floating-point image has no known value range; convert it to "
+                                           "8 or 16 bits")
             if img.mode in WIDE_MODES:  # 16 bits, as torchvision scales them; a 32-bit "I" holds no depth
                 arr = np.asarray(img, dtype=np.float64)
                 if arr.size and (arr.min() < 0 or arr.max() > 65535):  # signed (CT in HU) or wider: clipping loses it
-                    raise ValueError(f"cannot decode image {name}: a 32-bit integer image with values from "
-                                     f"{arr.min():.0f} to {arr.max():.0f} has no known range; convert it to 8 or 16 "
-                                     f"bits")
+                    raise ImageFileError(name, f"a 32-bit integer image with values from {arr.min():.0f} to "
+                                               f"{arr.max():.0f} has no known range; convert it to 8 or 16 bits")
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
             return _whole(pil_to_tensor(img), data, name, kind)
     except Exception as exc:
-        if isinstance(exc, ValueError) and str(exc).startswith(f"cannot decode image {name}: "):
+        if isinstance(exc, ImageFileError) and exc.path == str(name):
             raise  # ours (the header checks', the modes', a cut JPEG's), naming the file
         # Pillow's own errors name no file, its ValueErrors too (a GIF frame of 0x0: 'tile cannot extend outside
         # image'), and the datasets' skip warnings print the message alone
-        raise ValueError(f"cannot decode image {name}: {exception_line(exc)}") from exc
+        raise ImageFileError(name, exception_line(exc)) from exc
 
 
 def _whole(image: torch.Tensor, data: bytes, name: str, kind: str | None) -> torch.Tensor:
     """``image``, unless it is a JPEG cut short whose rest libjpeg filled grey (:mod:`lomar.data.jpeg_cut`)."""
     if kind == "jpeg" and grey_corner(image) and cut_short(data):
-        raise ValueError(cut_message(name))
+        raise cut_error(name)
     return image
 
 
@@ -319,7 +320,8 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
     """Decode the opened photo ``img`` (header read) at the first JPEG scale of 1/8, 1/4, 1/2 that keeps the crop
     ``box`` (top, left, height, width in upright full-size pixels) >= ``size`` px on each side: the one DCT-scale rule
     of the training crops (pretrain's and finetune's ``--decode draft``). Anything but a JPEG is decoded whole.
-    ValueError naming ``name`` (the file ``img`` was read from) for a JPEG or PNG cut short.
+    :class:`~lomar.data.image_errors.ImageFileError` (a ValueError) naming ``name`` (the file ``img`` was read from)
+    for one Pillow cannot decode, or a JPEG or PNG cut short.
 
     Returns (decoded PIL image, box in its coordinates as floats (left, top, right, bottom)).
     """
@@ -335,11 +337,14 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
     source, opened, jpeg = getattr(img, "fp", None), img, img.format in JPEG_FORMATS  # from bytes, kept after decoding
     with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
         warnings.simplefilter("ignore", UserWarning)
-        img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
+        try:
+            img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
+        except Exception as exc:  # Pillow's own ("image file is truncated", ...) names no file: as decode_bytes
+            raise ImageFileError(name, exception_line(exc)) from exc
     if jpeg and hasattr(source, "getvalue") and grey_corner(img) and cut_short(source.getvalue()):
-        raise ValueError(cut_message(name))
+        raise cut_error(name)
     if opened.format == "PNG" and hasattr(source, "getvalue") and png_cut_short(opened, source.getvalue()):
-        raise ValueError(png_cut_message(name))
+        raise png_cut_error(name)
     if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
         img = ImageOps.exif_transpose(img)
     sx, sy = img.size[0] / upright_w, img.size[1] / upright_h

@@ -139,10 +139,10 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
-    refused: dict[str, str] = {}  # path -> why, said as the reference path says an unreadable file
+    refused: dict[str, str] = {}  # path -> why, as the reference path's items say it (the path names the file)
     for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device, decoder)):
         if isinstance(pixels, str):
-            refused[batch["paths"][i]] = f"cannot decode image {batch['paths'][i]}: {pixels}"
+            refused[batch["paths"][i]] = pixels
         else:
             images[i] = pixels
     uint8_rows = [i for i, image in enumerate(images) if image is not None and image.dtype == torch.uint8]

@@ -47,6 +47,7 @@ from lomar.data.decode import (
 )
 from lomar.data.folder import ImageListDataset
 from lomar.data.gpu_jpeg import decode_jpegs, frees_outside_torch
+from lomar.data.image_errors import reason
 from lomar.data.transforms import SampleDraw, draw_sample, source_size, unreadable_item
 
 __all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_windows", "window_boxes",
@@ -147,7 +148,7 @@ class FastPretrainDataset(Dataset):
                 draw = draw_sample(base.transform, base.masker, *source, gen)
                 item = self._decode(img, data, draw, str(path))
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
-            return unreadable_item(path, base.transform.size, str(exc))
+            return unreadable_item(path, base.transform.size, reason(exc))
         # None: no DCT scale keeps the crop >= S px (small photos), where the reference path is the
         # fastest, and exact; it draws the same box, flip and plan from a fresh generator.
         return base[key] if item is None else {**item, "path": path, "source": source_size(*source), **draw.plan}

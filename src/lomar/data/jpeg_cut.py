@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 from lomar.data.headers import jpeg_scan_start
+from lomar.data.image_errors import ImageFileError
 
-__all__ = ["GREY", "grey_corner", "unclosed", "cut_short", "cut_message"]
+__all__ = ["GREY", "grey_corner", "unclosed", "cut_short", "cut_error"]
 
 GREY = 128  # a block of zero coefficients, every channel: libjpeg's fill for the data it did not get
 _SPARE = 8  # zero bytes in place of the closing marker: twice libjpeg's read-ahead (MIN_GET_BITS: 25 bits)
@@ -82,6 +83,6 @@ def cut_short(data: bytes) -> bool:
         return False
 
 
-def cut_message(name: str) -> str:
-    return (f"cannot decode image {name}: its JPEG image data ends before its last rows (the file was cut short, as "
-            f"by a partial download or copy; libjpeg would fill the rest grey); replace or remove it")
+def cut_error(name: str) -> ImageFileError:
+    return ImageFileError(name, "its JPEG image data ends before its last rows (the file was cut short, as by a "
+                                "partial download or copy; libjpeg would fill the rest grey); replace or remove it")

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-__all__ = ["PNG_CUT", "png_cut_short", "png_cut_message"]
+from lomar.data.image_errors import ImageFileError
+
+__all__ = ["PNG_CUT", "png_cut_short", "png_cut_error"]
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey + alpha, RGBA
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -107,5 +109,5 @@ PNG_CUT = ("its PNG pixel data ends before the last rows its header declares (th
            "is wrong; Pillow would leave them black)")
 
 
-def png_cut_message(name: str) -> str:
-    return f"cannot decode image {name}: {PNG_CUT}; replace or remove it"
+def png_cut_error(name: str) -> ImageFileError:
+    return ImageFileError(name, f"{PNG_CUT}; replace or remove it")

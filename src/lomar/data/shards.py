@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lomar.data.decode import decode_bytes, max_image_bytes
+from lomar.data.image_errors import READ, ImageFileError
 from lomar.data.shard_members import drawn_members, image_members, scanned_count
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
@@ -310,8 +311,8 @@ def _decode_member(name: str, data: bytes | int | str) -> torch.Tensor:
     """A member's pixels; ``data`` an int is the size of a member over the byte limit, left unread, a str why a
     link member has no file to read."""
     if isinstance(data, str):
-        raise ValueError(f"cannot read {name}: {data}; fix or remove the link")
+        raise ImageFileError(name, f"{data}; fix or remove the link", READ)
     if isinstance(data, int):
-        raise ValueError(f"cannot read {name}: {data:,} bytes is over the limit of {max_image_bytes():,} for one "
-                         f"image; shrink it or raise LOMAR_MAX_IMAGE_BYTES")
+        raise ImageFileError(name, f"{data:,} bytes is over the limit of {max_image_bytes():,} for one image; shrink "
+                                   f"it or raise LOMAR_MAX_IMAGE_BYTES", READ)
     return decode_bytes(data, name)

@@ -16,7 +16,9 @@ import struct
 
 import numpy as np
 
-__all__ = ["tiff_cut", "tiff_cut_message"]
+from lomar.data.image_errors import ImageFileError
+
+__all__ = ["tiff_cut", "tiff_cut_error"]
 
 _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC, _SAMPLES = 256, 257, 258, 259, 262, 277
 _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_COUNTS, _PLANAR = 273, 278, 279, 284
@@ -121,6 +123,6 @@ def tiff_cut(data: bytes) -> str | None:
     return None
 
 
-def tiff_cut_message(name: str, why: str) -> str:
-    return (f"cannot decode image {name}: a TIFF whose {why} (the file was cut short or its tags are wrong; Pillow "
-            f"would leave the missing rows black); replace or remove it")
+def tiff_cut_error(name: str, why: str) -> ImageFileError:
+    return ImageFileError(name, f"a TIFF whose {why} (the file was cut short or its tags are wrong; Pillow would "
+                                f"leave the missing rows black); replace or remove it")

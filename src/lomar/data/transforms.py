@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lomar.data.image_errors import reason
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_seed", "sample_generator",
            "SampleDraw", "draw_sample", "PretrainTransform", "source_size", "make_item", "unreadable_item"]
 
@@ -141,7 +143,8 @@ class PretrainTransform:
 
 
 def unreadable_item(path: str, size: int, why: str = "") -> dict:
-    """The item of a file that cannot be read, and why; ``size`` shapes an all-bad batch (0, 3, S, S)."""
+    """The item of a file that cannot be read, and why (:func:`~lomar.data.image_errors.reason`: the item names the
+    file); ``size`` shapes an all-bad batch (0, 3, S, S)."""
     return {"image": None, "path": path, "size": size, "why": why}
 
 
@@ -158,7 +161,7 @@ def make_item(path: str, decode: Callable[[], torch.Tensor], transform: Pretrain
     try:
         image = decode()
     except (ValueError, RuntimeError, OSError) as exc:
-        return unreadable_item(path, transform.size, str(exc))
+        return unreadable_item(path, transform.size, reason(exc))
     # outside the try: a crop or mask that fails on a decoded image is a bug to raise, not a file to blame
     height, width = image.shape[-2:]
     draw = draw_sample(transform, masker, height, width, gen)

@@ -1,0 +1,30 @@
+"""The error of an image file the data layer cannot read or decode, with the file and the reason apart.
+
+Its message is the one a user reads ("cannot decode image PATH: REASON"); a caller that names the file itself (a
+run's list of skipped images: "PATH (REASON)") quotes :attr:`ImageFileError.reason` alone.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DECODE", "READ", "ImageFileError", "reason"]
+
+DECODE = "cannot decode image"  # the file was read: its bytes are no image lomar decodes
+READ = "cannot read"  # the file was not read: not a regular file, over the byte limit, an OS error
+
+
+class ImageFileError(ValueError):
+    """``path`` (the file's name as the caller gave it) and ``reason`` (why, without the name); the message is
+    ``"{lead} {path}: {reason}"``, ``lead`` :data:`DECODE` or :data:`READ`. A ValueError, as every reader catches."""
+
+    def __init__(self, path: object, reason: str, lead: str = DECODE):
+        super().__init__(f"{lead} {path}: {reason}")
+        self.path, self.reason, self.lead = str(path), reason, lead
+
+    def __reduce__(self):  # rebuilt from its parts, not from the message, where a loader worker pickles it
+        return type(self), (self.path, self.reason, self.lead)
+
+
+def reason(exc: BaseException) -> str:
+    """Why ``exc`` says an image file cannot be used, for a caller that names the file itself: an
+    :class:`ImageFileError`'s reason, any other exception's message (Pillow's and torch's name no file)."""
+    return exc.reason if isinstance(exc, ImageFileError) else str(exc)
