@@ -156,7 +156,7 @@ class PretrainTask(Task):
 
     def skipped(self, batch: dict) -> list[str]:
         why = batch.get("why", {})  # the size limit, a truncated file: the warning and a run's final error say it
-        return [f"{path} ({_reason(path, why[path])})" if path in why else path for path in batch["bad"]]
+        return [f"{path} ({why[path]})" if path in why else path for path in batch["bad"]]
 
     def loss(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor] | None:
         if not batch["images"].numel():  # every image of the batch was unreadable
@@ -352,15 +352,6 @@ class PretrainTask(Task):
         if not items:
             raise ValueError(f"none of the {self.size} training images could be read")
         return torch.stack(items).to(self.device)
-
-
-def _reason(path: str, why: str) -> str:
-    """``why`` without the lead that names the file a second time: the decoder's ``cannot decode image PATH:``, or
-    the reader's ``cannot read PATH:`` (a file over the byte limit, a folder or link of an image's name)."""
-    for lead in (f"cannot decode image {path}: ", f"cannot read {path}: "):
-        if why.startswith(lead):
-            return why[len(lead):]
-    return why
 
 
 def train(config: PretrainConfig) -> int:
