@@ -6,6 +6,7 @@ import functools
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,14 +349,18 @@ def test_beit_decay_groups_follow_the_original():
 @pytest.mark.parametrize("images, ids, named", [
     # input_ids one column short: the windows' token positions would index past its rows' end, or not
     (torch.randn(2, 3, 48, 48), torch.zeros(2, 35, dtype=torch.long), "input_ids must be (N, L) = (2, 36)"),
-    (torch.randn(3, 48, 48), None, "images must be (N, 3, 48, 48), got (3, 48, 48)"),  # not 'not enough values'
+    # not 'not enough values', nor a resize for images of the right size in another layout
+    (torch.randn(3, 48, 48), None, "images must be (N, 3, 48, 48), got (3, 48, 48); add the batch dimension"),
+    (torch.randn(2, 48, 48, 3), None, "got (2, 48, 48, 3); channels come first: images.permute(0, 3, 1, 2)"),
+    (torch.randn(2, 3, 40, 40), None, "got (2, 3, 40, 40); resize to img_size=48 or build with that img_size"),
+    (np.zeros((2, 3, 48, 48), np.float32), None, "images must be a torch.Tensor (N, 3, 48, 48), got ndarray"),
     (torch.randn(2, 1, 48, 48), None, "images must be (N, 3, 48, 48)"),  # not the matmul's 'mat1 and mat2 shapes'
     (torch.zeros(2, 3, 48, 48, dtype=torch.uint8), None, "images are torch.uint8 but the model's weights are "
                                                           "torch.float32"),
 ])
 def test_beit_pretraining_names_wrong_images_and_ids(images, ids, named):
     model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises((ValueError, TypeError)) as info:
         model(images, generator=torch.Generator().manual_seed(0), input_ids=ids)
     assert named in str(info.value)
 

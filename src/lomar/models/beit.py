@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lomar.models.relpos import table_bias
-from lomar.models.vit import EncoderShape, PatchEmbed
+from lomar.models.vit import EncoderShape, PatchEmbed, layout_fix
 from lomar.values import is_integer
 
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "timm_beit_args", "timm_global_pool"]
@@ -257,10 +257,16 @@ class BEiT(nn.Module):
         return out
 
     def _check_inputs(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor | None:
-        size = self.config.img_size
-        if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size) or images.shape[1] != self.config.in_chans:
-            raise ValueError(f"images must be (N, {self.config.in_chans}, {size}, {size}), got "
-                             f"{tuple(images.shape)}; resize to img_size={size} or build with that img_size")
+        size, chans = self.config.img_size, self.config.in_chans
+        if not isinstance(images, torch.Tensor):  # a numpy array would fail on an attribute torch's tensors have
+            raise TypeError(f"images must be a torch.Tensor (N, {chans}, {size}, {size}), got "
+                            f"{type(images).__name__}; convert it with torch.as_tensor(images)")
+        if images.ndim != 4 or images.shape[1] != chans:
+            raise ValueError(f"images must be (N, {chans}, {size}, {size}), got {tuple(images.shape)}"
+                             f"{layout_fix(images.shape, chans)}")
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"images must be (N, {chans}, {size}, {size}), got {tuple(images.shape)}; resize to "
+                             f"img_size={size} or build with that img_size")
         self.patch_embed.check_images(images)
         if bool_masked_pos is None:
             return None

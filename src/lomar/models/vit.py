@@ -36,6 +36,18 @@ __all__ = [
 ]
 
 
+def layout_fix(shape: torch.Size, chans: int = 3) -> str:
+    """The one-call fix of a batch of ``chans``-channel images held in another layout, where there is one: '' else."""
+    if len(shape) == 3 and shape[0] == chans:  # one image, as a dataset returns it
+        return "; add the batch dimension (images[None])"
+    if len(shape) == 4 and shape[-1] == chans and shape[1] != chans:  # PIL, numpy and matplotlib's H, W, C
+        return "; channels come first: images.permute(0, 3, 1, 2)"
+    # an RGBA or grey batch (torchvision.io reads a PNG as it is stored) has a one-call fix
+    if len(shape) == 4 and chans == 3 and shape[1] in (1, 4):
+        return "; drop an alpha channel (images[:, :3]) or repeat a grey one (images.expand(-1, 3, -1, -1))"
+    return ""
+
+
 class PatchEmbed(nn.Module):
     """Conv patch embedding; ``embed_patches`` applies it to pixels already cut into patches."""
 
@@ -320,21 +332,9 @@ class VisionTransformer(nn.Module):
                             f"{type(images).__name__}; convert it with torch.as_tensor(images)")
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
-                             f"{tuple(images.shape)}{self._layout_fix(images.shape)}")
+                             f"{tuple(images.shape)}{layout_fix(images.shape, self.config.in_chans)}")
         self.patch_embed.check_images(images)
         return tile_grid(*images.shape[-2:], self.config.patch_size)
-
-    def _layout_fix(self, shape: torch.Size) -> str:
-        """The one-call fix of a batch of the wrong layout, where there is one: '' otherwise."""
-        chans = self.config.in_chans
-        if len(shape) == 3 and shape[0] == chans:  # one image, as a dataset returns it
-            return "; add the batch dimension (images[None])"
-        if len(shape) == 4 and shape[-1] == chans and shape[1] != chans:  # PIL, numpy and matplotlib's H, W, C
-            return "; channels come first: images.permute(0, 3, 1, 2)"
-        # an RGBA or grey batch (torchvision.io reads a PNG as it is stored) has a one-call fix
-        if len(shape) == 4 and chans == 3 and shape[1] in (1, 4):
-            return "; drop an alpha channel (images[:, :3]) or repeat a grey one (images.expand(-1, 3, -1, -1))"
-        return ""
 
     def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
                        token_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
