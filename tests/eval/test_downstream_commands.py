@@ -192,7 +192,8 @@ def test_finetune_top1_and_top5_count_every_validation_image_once_not_a_mean_of_
     images.root = Path("val")
     task = SimpleNamespace(model=torch.nn.Identity(), device=torch.device("cpu"), info=DistInfo(),
                            val_loader=DataLoader(Subset(images, range(7)), batch_size=4),
-                           autocast=contextlib.nullcontext, classes=list("abcdef"), train_loader=None)
+                           autocast=contextlib.nullcontext, classes=list("abcdef"), train_loader=None,
+                           small_counted=True)  # images under the resize: tensors here, no files
     assert finetune.FinetuneTask.evaluate(task) == {"top1": pytest.approx(4 / 7), "top5": pytest.approx(6 / 7)}
 
 

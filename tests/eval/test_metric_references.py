@@ -87,6 +87,7 @@ def _finetune_scores(logits: torch.Tensor, targets: torch.Tensor, batch: int, ro
     images = torch.arange(len(targets)).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
     batches = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, len(targets), batch)]
     task = SimpleNamespace(model=_Logits(logits), device=torch.device("cpu"), info=DistInfo(), train_loader=None,
+                           small_counted=True,  # images under the resize: none here (lomar.data.small_images)
                            classes=[str(c) for c in range(logits.shape[1])], autocast=lambda: torch.autocast("cpu",
                            enabled=False), val_loader=_Loader(batches, _Split(len(targets), root)))
     return FinetuneTask.evaluate(task)

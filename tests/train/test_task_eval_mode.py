@@ -40,7 +40,7 @@ def _detect(model):
 def _finetune(model):
     task = FinetuneTask.__new__(FinetuneTask)
     task.model, task.device, task.info, task.autocast = model, torch.device("cpu"), DistInfo(), contextlib.nullcontext
-    task.val_loader = [(torch.zeros(1, 3, 8, 8), torch.tensor([0]))]
+    task.val_loader, task.val_resize, task.small_counted = [(torch.zeros(1, 3, 8, 8), torch.tensor([0]))], 8, False
     return task
 
 

@@ -3,6 +3,8 @@ loader workers, every process) and said in the run's last line, the first one me
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ from PIL import Image
 from toy_run import ToyConfig, ToyTask
 
 from helpers import pretrain, write_images
+from lomar.checkpoints.file_names import KNN_LOG
 from lomar.checkpoints.io import safe_load
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import run
@@ -88,16 +91,65 @@ def test_a_resume_on_another_count_of_processes_goes_on_from_every_ranks_files()
     assert second.summary(None) == ""
 
 
-def test_a_finetuning_counts_its_training_images_smaller_than_its_crop(tmp_path, capsys, pretrained):
-    """A copy that refills a batch's unreadable place is no second image read; val's images are not counted."""
+def test_a_finetuning_counts_its_training_images_smaller_than_its_crop_and_its_val_images_under_the_resize(
+        tmp_path, capsys, pretrained):
+    """A copy that refills a batch's unreadable place is no second image read; val's images are not counted in the
+    crop's line: those under the 36 px resize are said once, as knn and linprobe say them, however many evaluations."""
     from finetune_cli import _finetune
 
     for split, count in (("train", 3), ("val", 1)):
         for label in ("a", "b"):
             write_images(tmp_path / "data" / split / label, count, size=(36, 36))
-    small = tmp_path / "data" / "train" / "a" / "small.png"
+    small, tiny = tmp_path / "data" / "train" / "a" / "small.png", tmp_path / "data" / "val" / "a" / "tiny.png"
     Image.fromarray(np.full((20, 16, 3), 90, np.uint8)).save(small)
-    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "data" / "val" / "a" / "tiny.png")
-    assert _finetune(pretrained, tmp_path / "data", tmp_path / "ft", "--epochs", "1", "--batch-size", "2") == 0
-    done = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert f"1 image smaller than the 32 px crop upscaled, the smallest 16x20 ({small})" in done
+    Image.fromarray(np.full((8, 10, 3), 90, np.uint8)).save(tiny)
+    assert _finetune(pretrained, tmp_path / "data", tmp_path / "ft", "--epochs", "2", "--batch-size", "4") == 0
+    said = capsys.readouterr()
+    assert f"1 image smaller than the 32 px crop upscaled, the smallest 16x20 ({small})" in said.out.splitlines()[-1]
+    assert said.err.count(f"lomar finetune: note: {tiny.parents[1]}: 1 image smaller than the 36 px resize "
+                          f"upscaled, the smallest 10x8 ({tiny})\n") == 1
+
+
+def test_a_finetunings_val_note_counts_every_ranks_images(tmp_path, monkeypatch, capsys):
+    """Under DDP each process evaluates its slice of val: the main one says every process's count."""
+    from lomar.data.collate import collate_labelled
+    from lomar.data.folder import LabelledImageFolder
+    from lomar.train.finetune import FinetuneTask
+
+    for label in ("a", "b"):
+        write_images(tmp_path / label, 1, size=(36, 36))
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "a" / "mine.png")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)
+    other = ([], (2, (10, 12, "b.png")))  # the second process: two under the resize, the smallest 12x10
+    monkeypatch.setattr(dist, "gather_object", lambda obj, gathered, dst: gathered.__setitem__(slice(None),
+                                                                                                [obj, other]))
+    val = LabelledImageFolder(tmp_path, lambda image: torch.zeros(3, 4, 4))
+    task = FinetuneTask.__new__(FinetuneTask)  # its evaluation alone: a stand-in classifier
+    task.model, task.device, task.info, task.config = torch.nn.Flatten(), torch.device("cpu"), DistInfo(0, 2), None
+    task.val_resize, task.small_counted, task.classes, task.train_loader = 36, False, ["a", "b"], None
+    task.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(3)), 3,
+                                                  collate_fn=collate_labelled)
+    task.autocast = contextlib.nullcontext
+    task.evaluate()
+    task.evaluate()  # the same images: said once
+    assert capsys.readouterr().err.count(f"lomar finetune: note: {tmp_path}: 3 images smaller than the 36 px resize "
+                                         f"upscaled, the smallest 12x10 (b.png)\n") == 1
+
+
+def test_pretrain_knn_every_says_its_images_under_the_resize_once(tmp_path, capsys, image_dir):
+    """--knn-every's k-NN resizes --knn-data's images to 36 px (32 px crops), as knn does: those under it are said as
+    knn says them, once however many scorings (every process's counted: lomar.eval.knn_shared joins them)."""
+    root = tmp_path / "knn"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(root / split / label, 1)  # 40x48
+    tiny = root / "val" / "b" / "tiny.png"
+    Image.fromarray(np.full((12, 20, 3), 90, np.uint8)).save(tiny)
+    # 16 images in batches of 4: scored after the first epoch and at the end
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "run"), "--knn-every", "1", "--knn-data",
+                    str(root), "--max-steps", "5") == 0
+    said = capsys.readouterr()
+    assert len((tmp_path / "run" / KNN_LOG).read_text().splitlines()) == 2
+    assert said.err.count(f"lomar pretrain: note: --knn-data {root / 'val'}: 1 image smaller than the 36 px resize "
+                          f"upscaled, the smallest 20x12 ({tiny})\n") == 1
+    assert f"{root / 'train'}:" not in said.err

@@ -1,7 +1,8 @@
 """Images smaller than the size a transform brings them to, so enlarged, counted from the (height, width) each item
 read tells (a pretraining item's ``"source"``, :class:`lomar.data.collate.LabelledBatch`'s ``sources``), the smallest
 named in one line (:func:`upscaled_line`). A training run counts each file once over the run and its processes
-(``lomar.train.upscaled_files``); knn and linprobe read each image of a split once: :class:`SmallImages`.
+(``lomar.train.upscaled_files``); knn and linprobe read each image of a split once, as finetune's evaluation and
+``pretrain --knn-every``'s k-NN do (counted at their first): :class:`SmallImages`.
 """
 
 from __future__ import annotations

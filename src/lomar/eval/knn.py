@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lomar.data.classify import eval_resize
+from lomar.data.small_images import SmallImages
 from lomar.errors import first_on_machine
 from lomar.eval.features import Pool, extract_features, knn_loaders
 from lomar.eval.knn_shared import share_loader, shared_features
@@ -114,13 +117,15 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
 
 def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = DINO_K,
                  temperature: float = DINO_TEMPERATURE, device: torch.device | str = "cpu",
-                 pool: Pool = "mean") -> float:
-    """Top-1 in [0, 1] of a k-NN classifier on frozen features, train -> val.
+                 pool: Pool = "mean", small: tuple[SmallImages | None, SmallImages | None] = (None, None)) -> float:
+    """Top-1 in [0, 1] of a k-NN classifier on frozen features, train -> val; ``small``: where given, the train and
+    val images smaller than its size counted (:func:`~lomar.eval.features.extract_features`).
 
     Leaves the encoder in the train/eval mode it had. Call it on one process only.
     """
-    train_x, train_y = extract_features(encoder, train_loader, device, pool, desc="k-NN train features")
-    val_x, val_y = extract_features(encoder, val_loader, device, pool, desc="k-NN val features")
+    train_x, train_y = extract_features(encoder, train_loader, device, pool, desc="k-NN train features",
+                                        small=small[0])
+    val_x, val_y = extract_features(encoder, val_loader, device, pool, desc="k-NN val features", small=small[1])
     return knn_top1(train_x, train_y, val_x, val_y, k, temperature, device)
 
 
@@ -131,11 +136,14 @@ class KnnMonitor:
     encoder whenever a score is wanted. ``decode``: full or draft, as :func:`~lomar.eval.features.knn_loaders`
     reads it. Under torchrun (``world_size`` > 1) build and call it on every process: each extracts its share of
     the bank and the queries (:mod:`lomar.eval.knn_shared`), the main one scores, and every one returns the score.
+    ``say``: given each split's line of its images smaller than the resize (upscaled, as knn and linprobe say them),
+    at the first scoring, where any is (the main process's count is every process's; the images are the same at each
+    scoring).
     """
 
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
                  k: int = DINO_K, temperature: float = DINO_TEMPERATURE, worker_init_fn=None, decode: str = "full",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, say: Callable[[str], object] | None = None):
         # every process lists the folders: the first of each machine says what it found (another's may differ)
         self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
                                    worker_init_fn=worker_init_fn, decode=decode,
@@ -143,14 +151,27 @@ class KnnMonitor:
         self.k, self.temperature = k, temperature
         self.shares = tuple(share_loader(loader, rank, world_size) for loader in self.loaders) \
             if world_size > 1 else None
+        self.say, self.resize = say, eval_resize(img_size)
+        self.counted = False  # the splits' images smaller than the resize
 
     def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:
+        small = (None, None) if self.counted else (SmallImages(self.resize), SmallImages(self.resize))
+        self.counted = True
         if self.shares is None:
-            return knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device)
-        train, val = (shared_features(encoder, loader, share, device, f"k-NN {name} features")
-                      for loader, share, name in zip(self.loaders, self.shares, ("train", "val")))
+            score = knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device,
+                                 small=small)
+            self._say(small)
+            return score
+        train, val = (shared_features(encoder, loader, share, device, f"k-NN {name} features", small=count)
+                      for loader, share, name, count in zip(self.loaders, self.shares, ("train", "val"), small))
+        self._say(small)
         score = torch.zeros((), dtype=torch.float64, device=device)
         if train is not None:  # the main process
             score.fill_(knn_top1(*train, *val, self.k, self.temperature, device))
         dist.broadcast(score, src=0)
         return float(score)
+
+    def _say(self, small: tuple[SmallImages | None, SmallImages | None]) -> None:
+        for loader, count in zip(self.loaders, small):
+            if self.say and count is not None and count.count:
+                self.say(f"{loader.dataset.root}: {count.line()}")

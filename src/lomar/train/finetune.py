@@ -29,12 +29,13 @@ from lomar.checkpoints.formats import VitReader, identify
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
-from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load
+from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load, eval_resize
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.image_names import THUMBNAIL_FOLDERS, passed_over_folder
 from lomar.data.samplers import EpochSampler
+from lomar.data.small_images import SmallImages
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.beit import BEiTConfig, timm_global_pool
@@ -116,6 +117,7 @@ class FinetuneTask(Task):
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.crop_size = config.img_size  # a training image under it on its shorter side is upscaled: counted
+        self.val_resize, self.small_counted = eval_resize(config.img_size), False  # and a validation image under this
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
         self.source: dict = {}  # --eval-only's classifier: its file and step, which its record names
         if config.eval_only:
@@ -200,10 +202,14 @@ class FinetuneTask(Task):
         model, device = self.model, self.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, scored
         skipped = []  # each warned of at its first read
+        # the images smaller than the resize, upscaled: the same at every evaluation, counted and said at the first
+        small, self.small_counted = None if self.small_counted else SmallImages(self.val_resize), True
         with eval_mode(model):
             for batch in self.val_loader:
                 images, targets = batch
                 skipped.extend(getattr(batch, "bad", []))
+                if small is not None:
+                    small.add(getattr(batch, "sources", ()))
                 if not len(targets):  # every image of the batch unreadable
                     continue
                 with self.autocast():
@@ -212,12 +218,20 @@ class FinetuneTask(Task):
                 hit = top == targets.to(device)[:, None]
                 totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
         counts, split = {}, self.val_loader.dataset.dataset
+        shares = [(skipped, (small.count, small.smallest) if small else None)]  # each process's
         if self.info.enabled:
             dist.all_reduce(totals)
             gathered = [None] * self.info.world_size if self.info.is_main else None
-            dist.gather_object(skipped, gathered, dst=0)
-            skipped = [line for part in gathered or () for line in part]
+            dist.gather_object(shares[0], gathered, dst=0)
+            shares = gathered or []
         if self.info.is_main:  # too many skipped: the main process raises, the lifecycle stops every one
+            if small is not None:
+                whole = SmallImages(small.size)
+                for _, part in shares:
+                    whole.join(*part)
+                if whole.count:
+                    say_notes(self.config, self.name, [f"{split.root}: {whole.line()}"])
+            skipped = [line for part, _ in shares for line in part]
             counts = scored_split(split.root, len(split), skipped, say=self.train_loader is not None)
         top5 = {"top5": float(totals[1] / totals[2])} if len(self.classes) > 5 else {}  # else always 1: noise
         return {"top1": float(totals[0] / totals[2]), **top5, **counts}

@@ -38,6 +38,7 @@ from lomar.train.lifecycle import run
 from lomar.train.precision import run_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.process_count import processes_of
+from lomar.train.run_lines import say_notes
 from lomar.train.run_resume import listing_change, listing_record
 from lomar.train.run_state import newest_state
 from lomar.train.schedule import param_groups
@@ -97,9 +98,11 @@ class PretrainTask(Task):
         self.knn = None
         if config.knn_every:  # on every process: each extracts its share of the k-NN features
             # its workers, forked for each scoring, leave a stop signal sent to the process group to the run
+            # the main process says the k-NN images the resize upscales, every process's counted (as knn says them)
+            say = functools.partial(_say_knn_note, config) if info.is_main else None
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4),
                                   worker_init_fn=ignore_stop_signals, decode=config.knn_decode, rank=info.rank,
-                                  world_size=info.world_size)
+                                  world_size=info.world_size, say=say)
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
     @classmethod
@@ -352,6 +355,11 @@ class PretrainTask(Task):
         if not items:
             raise ValueError(f"none of the {self.size} training images could be read")
         return torch.stack(items).to(self.device)
+
+
+def _say_knn_note(config: PretrainConfig, line: str) -> None:
+    """A --knn-data split's images smaller than the k-NN's resize, as a note (once a study, as finetune's)."""
+    say_notes(config, "pretrain", [f"--knn-data {line}"])
 
 
 def train(config: PretrainConfig) -> int:
