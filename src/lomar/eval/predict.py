@@ -33,6 +33,7 @@ from lomar.checkpoints.formats import VitReader, read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import LINPROBE_FORMAT, run_command
+from lomar.checkpoints.original import TimmLayoutReader
 from lomar.data.class_names import names_problem
 from lomar.data.collate import Skipped
 from lomar.data.decode import load_image, tensor_to_pil
@@ -88,8 +89,10 @@ def load_trained(path: str | Path) -> Trained:
         command = run_command(src.data)
         if command in ("detect", "segment"):
             model = reader.model(src, {})
-        elif isinstance(reader, BEiTFinetuneReader) or isinstance(reader, VitReader) and "head.weight" in src.state:
-            model, command = reader.model(src, {}), "finetune"  # finetune's (a ViT or a BEiT), a converted classifier
+        elif isinstance(reader, BEiTFinetuneReader) or (isinstance(reader, (VitReader, TimmLayoutReader))
+                                                         and "head.weight" in src.state):
+            # finetune's (a ViT or a BEiT), a converted classifier, a timm one (in lomar's layout or another)
+            model, command = reader.model(src, {}), "finetune"
         elif isinstance(reader, LinprobeReader):
             model, command = reader.model(src, {}), "linprobe"
         else:
@@ -109,7 +112,7 @@ def _cannot_run(file: Path, reader: str, command: str | None) -> str:
     """The refusal of a checkpoint that predicts nothing: what it is and the commands that make one of it that does,
     the quickest first (a linear probe: features once, then seconds of fitting)."""
     probe = command_line("lomar", "linprobe", file, "--data", "ROOT", "--save", "probe.pt")
-    if reader.startswith("export") or reader == "lomar-vit":
+    if reader.startswith("export") or reader in ("lomar-vit", TimmLayoutReader.name):
         # a finished pretraining run's folder is read as the export it holds beside its checkpoints
         what = ("a pretraining run's folder, whose exported encoder" if file.is_dir() and (file / LAST).is_file()
                 else "an exported encoder, which" if reader.startswith("export")
