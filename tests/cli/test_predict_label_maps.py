@@ -34,3 +34,18 @@ def test_overwrite_leaves_no_label_map_of_an_image_not_predicted_again(tmp_path)
     assert sorted(path.name for path in out.iterdir() if path.name.startswith(".")) == [".lock", ".lomar-written.json"]
     assert _pngs(out) == ["a.png", "mine.png"]
     assert (out / "mine.png").read_bytes() == b"the user's" and (out / "sub" / "notes.txt").exists()
+
+
+def test_overwrite_of_a_folder_without_lomars_list_says_how_many_pngs_it_left(tmp_path, capsys):
+    config = ViTConfig(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2)
+    segmenter_file(tmp_path / "seg.pt", UperNetSegmenter(VisionTransformer(config), 3, channels=8, aux_channels=8))
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(image := tmp_path / "a.png")
+    (out := tmp_path / "out").mkdir()
+    for name in ("a.png", "b.png", "c.png"):  # an earlier predict's, which kept no list, or the user's
+        (out / name).write_bytes(b"?")
+    assert main(["predict", str(tmp_path / "seg.pt"), str(image), "--out", str(out), "--overwrite", *CPU_RUN]) == 0
+    said = capsys.readouterr().out
+    assert said.rstrip().endswith(f"-> {out}; 2 other PNGs left there, which lomar cannot tell from yours ({out} held "
+                                  f"no .lomar-written.json listing the ones it wrote): remove any an earlier predict "
+                                  f"wrote"), said
+    assert _pngs(out) == ["a.png", "b.png", "c.png"]

@@ -77,3 +77,31 @@ def test_a_listed_map_reached_through_a_link_stays(tmp_path):
     (folder / "y.png").symlink_to(theirs / "x.png")
     write_label_maps(folder, [])
     assert (theirs / "x.png").read_bytes() == b"the user's" and (folder / "y.png").is_symlink()
+
+
+def test_a_sub_folder_its_removed_maps_leave_empty_goes_with_them(tmp_path):
+    folder = tmp_path / "out"
+    write_label_maps(folder, [("sub/deep/x", b"1"), ("kept/z", b"1"), ("y", b"1")])
+    (folder / "kept" / "notes.txt").write_text("the user's")
+    write_label_maps(folder, [("y", b"2")])
+    assert _names(folder) == [WRITTEN, "kept", "y.png"] and _names(folder / "kept") == ["notes.txt"]
+
+
+def test_the_pngs_of_a_folder_without_a_list_are_counted_as_left(tmp_path, capsys):
+    """Without lomar's list, an earlier write's PNGs cannot be told from a user's: they stay, counted, once (the
+    list written then names what lomar writes from there on)."""
+    folder = tmp_path / "predictions"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png", "sub/c.png", ".hidden.png", "notes.txt"):
+        (folder / name).write_bytes(b"earlier, or the user's")
+    assert write_label_maps(folder, [("a", b"1")]) == 2  # b.png and sub/c.png
+    assert write_label_maps(folder, [("a", b"1")]) == 0 and (folder / "b.png").exists()
+
+
+def test_an_evaluation_into_predictions_without_a_list_notes_the_pngs_it_left(tmp_path, digits64, capsys):
+    (predictions := tmp_path / "out" / "predictions").mkdir(parents=True)
+    (predictions / "stale.png").write_bytes(b"an earlier evaluation's, or the user's")
+    scoring_task(digits64, tmp_path / "out", run=False).evaluate()
+    assert (f"lomar segment: note: 1 other PNG left in {predictions}, which lomar cannot tell from yours (it held no "
+            f"{WRITTEN} listing the ones it wrote)") in capsys.readouterr().err
+    assert (predictions / "stale.png").exists()

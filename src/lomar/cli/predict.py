@@ -100,7 +100,7 @@ def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[P
     from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
     from lomar.eval import predict  # torch: not for --help
     from lomar.train.precision import autocast_factory  # torch: not for --help
-    from lomar.train.segment_pngs import begin_label_maps, end_label_maps  # torch (checkpoints.io): not for --help
+    from lomar.train.segment_pngs import WRITTEN, begin_label_maps, end_label_maps  # torch: not for --help
 
     if not args.overwrite and (there := next((path for path in targets if path.exists()), None)):
         raise UsageError(f"{there} already exists; pass --overwrite to replace it, or another --out")
@@ -120,10 +120,12 @@ def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[P
             atomic_write_bytes(path, png)
             names.add(path.relative_to(out).as_posix())
         _some_read(images, skipped)
-        end_label_maps(out, before, names, remove=args.overwrite)
+        left = end_label_maps(out, before, names, remove=args.overwrite)
         written = len(names)
         what = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes, {precision})"
-        where = out
+        where = f"{out}" + (f"; {counted(left, 'other PNG')} left there, which lomar cannot tell from yours ({out} "
+                            f"held no {WRITTEN} listing the ones it wrote): remove any an earlier predict wrote"
+                            if left else "")
     elif trained.kind == "classifier":
         rows = predict.classify(trained, images, device, args.top_k, args.batch_size, workers, skipped, autocast)
         _some_read(images, skipped)

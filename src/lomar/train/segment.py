@@ -51,11 +51,11 @@ from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text, read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
-from lomar.train.segment_pngs import write_label_maps
+from lomar.train.segment_pngs import WRITTEN, write_label_maps
 from lomar.train.task import Task
 from lomar.train.task_resume import resume_line, resumed_encoder_config
 from lomar.train.untrained import untrained_classes
-from lomar.values import percent_text
+from lomar.values import counted, percent_text
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -205,7 +205,10 @@ class SegmentTask(Task):
         counts = {}
         if info.is_main:  # too many skipped: the main process raises, the lifecycle stops every one
             counts = scored_split(self.val_folder, len(self.val_set), skipped, say=not config.eval_only)
-            write_label_maps(Path(config.out) / "predictions", pngs)
+            if left := write_label_maps(folder := Path(config.out) / "predictions", pngs):
+                print(f"lomar segment: note: {counted(left, 'other PNG')} left in {folder}, which lomar cannot tell "
+                      f"from yours (it held no {WRITTEN} listing the ones it wrote): remove any an earlier evaluation "
+                      f"wrote", file=sys.stderr, flush=True)
         metrics = segmentation_metrics(confusion.cpu())
         # NaN: no labelled pixel was scored; None says undefined, as detect's metrics do (and JSON has no NaN)
         self.scored = {k: [_defined(v) for v in metrics[k]] if isinstance(metrics[k], list) else _defined(metrics[k])

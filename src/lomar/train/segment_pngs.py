@@ -19,50 +19,70 @@ __all__ = ["WRITTEN", "write_label_maps", "begin_label_maps", "end_label_maps"]
 WRITTEN = ".lomar-written.json"
 
 
-def write_label_maps(folder: Path, pngs: Iterable[tuple[str, bytes]]) -> None:
+def write_label_maps(folder: Path, pngs: Iterable[tuple[str, bytes]]) -> int:
     """Write each ``(stem, png)`` as ``folder/<stem>.png`` (made if need be) and remove the label maps the folder's
-    list names that this call does not write (:func:`begin_label_maps`, :func:`end_label_maps`)."""
+    list names that this call does not write (:func:`begin_label_maps`, :func:`end_label_maps`); the count of the
+    other PNGs left there that lomar cannot tell from a user's (:func:`end_label_maps`)."""
     pngs = list(pngs)
     names = {f"{stem}.png" for stem, _ in pngs}
     before = begin_label_maps(folder, names)
     for stem, data in pngs:
         atomic_write_bytes(folder / f"{stem}.png", data)
-    end_label_maps(folder, before, names)
+    return end_label_maps(folder, before, names)
 
 
-def begin_label_maps(folder: Path, names: set[str]) -> set[str]:
+def begin_label_maps(folder: Path, names: set[str]) -> set[str] | None:
     """Before the first of ``names`` (paths below ``folder``, '/' between their parts) is written: list them with
-    those an earlier write listed, which it returns. The list then names every label map there may be of lomar's at
-    any moment (the earlier ones with these, until :func:`end_label_maps`), so a kill midway leaves no PNG of
-    lomar's unlisted, and the next write removes what it does not write again."""
+    those an earlier write listed, which it returns (None where the folder holds no list lomar reads). The list then
+    names every label map there may be of lomar's at any moment (the earlier ones with these, until
+    :func:`end_label_maps`), so a kill midway leaves no PNG of lomar's unlisted, and the next write removes what it
+    does not write again."""
     folder.mkdir(parents=True, exist_ok=True)
     before = _written(folder)
-    if not names <= before:
-        _list(folder, before | names)
+    if before is None or not names <= before:
+        _list(folder, (before or set()) | names)
     return before
 
 
-def end_label_maps(folder: Path, before: set[str], written: set[str], remove: bool = True) -> None:
+def end_label_maps(folder: Path, before: set[str] | None, written: set[str], remove: bool = True) -> int:
     """After the writes: remove the label maps ``before`` names (:func:`begin_label_maps`) that are not ``written``,
-    and list ``written`` alone; ``remove`` False (predict without --overwrite, adding to the folder): remove none, and
-    list them with ``written``. A link there, or a path through one, is the user's and stays."""
+    a sub-folder they leave empty with them, and list ``written`` alone; ``remove`` False (predict without
+    --overwrite, adding to the folder): remove none, and list them with ``written``. A link there, or a path through
+    one, is the user's and stays. The count of the PNGs left that lomar cannot tell from a user's: with ``remove``,
+    where the folder held no list (``before`` None: an earlier write's that kept none, or a user's), those below it
+    that were not written; else 0."""
+    unlisted = before is None
+    before = before or set()
     if not remove:
         written = before | written
     for name in sorted(before - written):
         if _inside(folder, name) and (path := folder / name).is_file():
             path.unlink(missing_ok=True)
+            for parent in list(PurePosixPath(name).parents)[:-1]:  # up to, not including, the folder
+                try:
+                    (folder / parent).rmdir()
+                except OSError:  # not empty: another PNG, or a user's file
+                    break
     if written != before:
         _list(folder, written)
+    if not (remove and unlisted):
+        return 0
+    left = 0
+    for top, _, files in os.walk(folder):  # not into a linked folder: the user's
+        below = Path(top).relative_to(folder)
+        left += sum(1 for file in files if (name := (below / file).as_posix()) not in written and _below(name)
+                    and not (Path(top) / file).is_symlink())
+    return left
 
 
-def _written(folder: Path) -> set[str]:
-    """The label maps ``folder``'s list names (none where it has none, or one lomar cannot read): paths of PNGs
-    below it, any other entry (a path out of it, a hidden one) left out."""
+def _written(folder: Path) -> set[str] | None:
+    """The label maps ``folder``'s list names: paths of PNGs below it, any other entry (a path out of it, a hidden
+    one) left out; None where it has no list, or one lomar cannot read."""
     try:
         names = json.loads((folder / WRITTEN).read_text(encoding="utf-8"))["pngs"]
     except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    return {name for name in names if isinstance(name, str) and _below(name)} if isinstance(names, list) else set()
+        return None
+    return {name for name in names if isinstance(name, str) and _below(name)} if isinstance(names, list) else None
 
 
 def _below(name: str) -> bool:
