@@ -185,11 +185,11 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     views = {"original": parts["original"], **({"sampled windows": parts["original"]} if plan is not None else {}),
              "masked input": parts["masked"], "reconstruction": parts["reconstruction"]}
     frames = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
+    side = plan.window_size * p if plan is not None else 0  # every window of a plan is the same size
     for row, windows in enumerate(plan.top_left.tolist() if plan is not None else []):
         frame = frames[row, 1]
         x, y = frame.get_xy()
         for top, left in windows:
-            side = plan.window_size * p
             # clipped to its image, as a panel axes clips it
             frame.axes.add_patch(Rectangle((x + left * p, y + top * p), side, side, fill=False, edgecolor="yellow",
                                            linewidth=1.5, clip_path=frame))
