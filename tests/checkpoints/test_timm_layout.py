@@ -55,9 +55,11 @@ def test_a_timm_layout_lomar_holds_gives_timms_features(tmp_path, layout):
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_a_timm_classifier_with_layer_scale_and_no_class_entry_gives_timms_logits(tmp_path):
-    """DeiT III's classifier layout (cls-token head): load_model and load_original build the classifier itself."""
-    model, path = _timm_vit(tmp_path, num_classes=5, global_pool="token", no_embed_class=True, init_values=1e-5)
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_a_timm_classifier_with_layer_scale_and_no_class_entry_gives_timms_logits(tmp_path, pool):
+    """DeiT III's classifier layout (a cls-token head; fc_norm's mean too): load_model and load_original build the
+    classifier itself."""
+    model, path = _timm_vit(tmp_path, num_classes=5, global_pool=pool, no_embed_class=True, init_values=1e-5)
     images = _images(model)
     with torch.no_grad():
         for ours in (load_model(path, num_heads=2), load_original(path, num_heads=2)):
