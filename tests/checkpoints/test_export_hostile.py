@@ -301,7 +301,10 @@ def test_load_original_given_lomars_own_checkpoint_or_export_says_it_needs_no_co
                   num_windows=1)
     atomic_save(pretrain_checkpoint(model), tmp_path / "last.pt")
     export_encoder(model, tmp_path / "ex")
-    for path, kind in ((tmp_path / "last.pt", "lomar-pretrain"), (tmp_path / "ex" / "model.safetensors", "export")):
+    # torch's legacy (non-zip) format, which a mapped read refuses: read whole, not let through to the conversion
+    torch.save(pretrain_checkpoint(model), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for path, kind in ((tmp_path / "last.pt", "lomar-pretrain"), (tmp_path / "legacy.pt", "lomar-pretrain"),
+                       (tmp_path / "ex" / "model.safetensors", "export")):
         assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt")]) == 2
         err = capsys.readouterr().err
         assert f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it needs no " \

@@ -157,10 +157,10 @@ def _refuse_our_own(path: str) -> None:
     """UsageError where ``path`` is lomar's own (a pretraining, finetune or classifier checkpoint, an export or its
     weights file beside its config.json), which needs no conversion: the library's words for it name Python calls,
     or would convert an export's weights as a ViT's without a head (the same keys) and lose what config.json says."""
-    from lomar.checkpoints.formats import read  # torch: not for --help
+    from lomar.checkpoints.formats import read_mapped  # torch: not for --help
 
     try:
-        reader, src = read(path, mmap=True)
+        reader, src = read_mapped(path)
     except (OSError, ValueError, RuntimeError):  # unreadable here too: the load's own message says why
         return
     kind = src.data.get("format") if reader.name == "lomar-vit" else reader.name  # a classifier says which it is
