@@ -20,6 +20,17 @@ def test_unknown_model_and_heads():
         VisionTransformer(ViTConfig(embed_dim=24, depth=1, num_heads=2, pos="learned"))
 
 
+@pytest.mark.parametrize("key, fix", [("image_size", "did you mean img_size=?"),  # timm's and Hugging Face's name
+                                      ("num_classes", "lomar.VisionTransformer(config, num_classes=...)")])
+def test_model_config_names_a_keyword_that_is_no_config_field_and_the_fix(key, fix):
+    # dataclasses' own error: "ViTConfig.__init__() got an unexpected keyword argument 'image_size'"
+    with pytest.raises(TypeError) as info:
+        model_config("vit_mini_patch8", **{key: 64})
+    message = str(info.value)
+    assert message.startswith(f"model_config got {key}=64, which is no ViTConfig field (fields: img_size, ")
+    assert message.endswith(fix)
+
+
 def test_model_build_errors_name_the_python_parameters_not_flags():
     """A Python caller passed global_blocks, img_size, decoder_num_heads: the commands reword them as flags."""
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=2,

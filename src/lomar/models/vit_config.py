@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from difflib import get_close_matches
 from typing import Literal
 
 from lomar.limits import MAX_IMG_SIZE
@@ -124,9 +125,18 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str, **overrides) -> ViTConfig:
-    """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
+    """Config for a named model such as ``vit_base_patch16``; keyword arguments override (ViTConfig's fields; another
+    keyword is a TypeError naming the field it resembles, such as timm's ``image_size`` for ``img_size``)."""
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    fields = list(ViTConfig.__dataclass_fields__)
+    for key in overrides:
+        if key not in fields:  # dataclasses' own TypeError names neither the fields nor the likely one
+            like = get_close_matches(key, fields, n=1)
+            hint = (f"; the head is the model's: lomar.VisionTransformer(config, {key}=...)"
+                    if key in ("num_classes", "global_pool") else f"; did you mean {like[0]}=?" if like else "")
+            raise TypeError(f"model_config got {key}={overrides[key]!r}, which is no ViTConfig field (fields: "
+                            f"{', '.join(fields)}){hint}")
     _, size, patch = name.split("_")
     dim, depth, heads = MODEL_SIZES[size]
     base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
