@@ -198,7 +198,7 @@ def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path
     # It said "ckpt.pt/config.json not found; export an encoder with `lomar export` first".
     checkpoint = tmp_path / "ckpt.pt"
     checkpoint.write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match=r"ckpt.pt is a file, not an export folder .*formats\.load_model"):
+    with pytest.raises(FileNotFoundError, match=r"ckpt.pt is a file, not an export folder .*lomar\.load_model"):
         create_encoder(checkpoint)
 
 

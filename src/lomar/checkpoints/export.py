@@ -312,7 +312,7 @@ def read_export(path: str | Path, **overrides) -> Export:
     config_path = path / CONFIG_NAME
     if path.is_file():  # else "mw.pt/config.json not found" would hide that the path is a checkpoint, not a folder
         raise FileNotFoundError(f"{path} is a file, not an export folder (config.json + weights); export it with "
-                                f"`lomar export`, or load a checkpoint with lomar.checkpoints.formats.load_model")
+                                f"`lomar export`, or load a checkpoint with lomar.load_model")
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; export an encoder first (lomar.export_encoder, or "
                                 f"`lomar export`)")

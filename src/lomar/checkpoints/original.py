@@ -240,7 +240,7 @@ def _refuse_our_classifier(data: dict, path: str | os.PathLike) -> None:
     kind = data.get("format")
     if kind in (FINETUNE_FORMAT, CLASSIFIER_FORMAT):
         raise ValueError(f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it needs no "
-                         f"conversion; lomar.checkpoints.formats.load_model reads it as it is")
+                         f"conversion; lomar.load_model reads it as it is")
 
 
 def load_original(path: str | Path, **overrides) -> nn.Module:
