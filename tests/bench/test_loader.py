@@ -236,7 +236,8 @@ def test_unreadable_images_are_not_counted_as_loads(photos, tmp_path, capsys):
     assert capsys.readouterr().err == ("lomar bench: error: 64px: a 7x7 window does not fit the 4x4 patch grid; use "
                                        "a larger size (--sizes) or a model of smaller patches\n")
     assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--model", "vit_tiny_patch8",
-                 "--no-model", "--quiet", "--workers", "0"]) == 2  # 4 windows, placed as in pretraining, on 8x8
+                 "--loader-windows", "4", "--no-model", "--quiet", "--workers", "0"]) == 2  # placed as pretraining
+    # places them, on 8x8
     err = capsys.readouterr().err
     assert err.endswith("pass --loader-windows <= 2 or use a larger image\n") and "placement" not in err
 
@@ -259,6 +260,19 @@ def test_a_plan_that_cannot_fit_is_told_in_the_benchs_terms_whatever_the_library
     with pytest.raises(ValueError, match=r"^64px: --loader-windows 4 asks for more 7x7 windows than fit: .*; pass "
                                          r"--loader-windows <= 2 or use a larger image$"):
         loader_dataset(photos, 64, "lomar", 4, patch_size=8)
+
+
+def test_the_loader_bench_draws_pretrains_window_count_at_each_size_by_default(photos, tmp_path):
+    # a fixed 4 at every size timed --decode windows (and the model step) with 4 windows where a 256 px run draws 12
+    out = tmp_path / "loader.json"
+    assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "128", "256", "--model",
+                 "vit_tiny_patch8", "--images", "2", "--batch-size", "2", "--decode", "windows", "--workers", "0",
+                 "--no-model", "--quiet", "--json", str(out)]) == 0
+    assert [r["windows"] for r in json.loads(out.read_text())["records"]] == [4, 12]  # --print-config's at 128, 256
+    assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "256", "--model", "vit_tiny_patch8",
+                 "--images", "2", "--batch-size", "2", "--workers", "0", "--loader-windows", "3", "--no-model",
+                 "--quiet", "--json", str(tmp_path / "fixed.json")]) == 0
+    assert [r["windows"] for r in json.loads((tmp_path / "fixed.json").read_text())["records"]] == [3]
 
 
 def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):

@@ -24,6 +24,7 @@ from lomar.errors import in_flags
 from lomar.methods.base import method_runtime
 from lomar.models.masking import WindowsDoNotFit, grid_size
 from lomar.models.vit import model_config
+from lomar.window_counts import paper_windows
 
 __all__ = ["loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
            "share_model_rate"]
@@ -109,7 +110,7 @@ def cpu_ms_per_image(dataset, images: int = 16) -> float:
 
 
 def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method: str = "lomar",
-                   windows: int | None = 4, decode: str = "full", images: int = 64, batch_size: int = 16,
+                   windows: int | str | None = "paper", decode: str = "full", images: int = 64, batch_size: int = 16,
                    model: str = "vit_base_patch16", model_batch: int | None = None,
                    device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
                    steps: int = 3, warmup: int = 1, model_rate: bool = True, tiny: bool = False,
@@ -122,24 +123,27 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
     :func:`lomar.bench.timing.build_runner`), and ``limited_by``: "loader" when the loader's
     total rate is below the model's, else "model". ``workers`` = 0 loads in the main process
     and counts as one worker. ``cpu_ms_per_image``: the CPU time of one sample in this process
-    (one thread), the figure to compare on a busy machine.
+    (one thread), the figure to compare on a busy machine. ``windows``: LoMaR's windows per image, a
+    count at every size or "paper", ``lomar pretrain --windows auto``'s count at each size (36 at 896 px
+    with 16 px patches), so that ``--decode windows`` and the model step are timed as the run would have them.
     """
     patch = model_config(model).patch_size
     device = torch.device(device)
     records = []
     for size in sizes:
-        dataset = loader_dataset(data, size, method, windows, patch, decode)
+        count = paper_windows(size, patch, 7) if windows == "paper" else windows  # the bench's windows are 7x7
+        dataset = loader_dataset(data, size, method, count, patch, decode)
         total, unreadable = time_loader(dataset, workers, images, batch_size, repeats)
         per_worker = total / max(workers, 1)
         cpu_ms = cpu_ms_per_image(dataset, min(images, 16))
-        rec = dict(task="loader", method=method, img_size=size, windows=windows if method == "lomar" else None,
+        rec = dict(task="loader", method=method, img_size=size, windows=count if method == "lomar" else None,
                    decode=decode, workers=workers, images=min(images, len(dataset)), unreadable=unreadable,
                    data=str(data), images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
                    cpu_images_per_s=1000 / cpu_ms, model=model)
         skipped = f" ({unreadable} unreadable, not counted)" if unreadable else ""
         progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker{skipped}, {cpu_ms:.1f} CPU ms per image")
         if model_rate:
-            runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
+            runner = build_runner(method, model, size, count, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny, compile_mode=compile_mode)
             interleaved_times([runner], steps, warmup)
             if runner.error:  # the one configuration here: nothing to go on with

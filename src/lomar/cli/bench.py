@@ -102,7 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "decoding; windows: draft + only the plan's windows resampled (LoMaR); gpu is not a "
                                "loader path"),
         "loader_method": Setting("lomar", "whose masking plan the workers draw", choices=("lomar", "mae")),
-        "loader_windows": Setting(4, "LoMaR windows per image", above=0),
+        "loader_windows": Setting("paper", "LoMaR windows per image: 'paper' (pretrain's --windows auto at each "
+                                  "size: 4@224, 9@448, 36@896 with 16 px patches) or a count at every size", kind=str,
+                                  parse=_window_setting, metavar="N|paper"),
         "make_test_set": Setting(None, "first write --test-set-count JPEGs of this kind into --data (default: none)",
                                  kind=str, choices=("camera", "imagenet")),
         "test_set_count": Setting(32, "JPEGs in a made test set", above=0),
