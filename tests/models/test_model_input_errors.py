@@ -244,3 +244,14 @@ def test_configs_hash_as_they_compare():
     assert hash(a) == hash(b) and len({a, b, model_config("vit_tiny_patch16", img_size=448)}) == 2
     assert {a: "cached"}[b] == "cached"
     assert ViTConfig(extra={"note": 1}) != ViTConfig()  # extra is left out of the hash, not out of equality
+
+
+def test_mae_names_images_of_another_size_and_the_img_size_that_takes_them():
+    # a non-square batch is told the pair to build with, not 'that img_size' of a square '64px'
+    config = model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY)
+    model = MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ValueError, match=r"MAE was built for 64x64 images, got 64x96; resize them, or build it with "
+                                         r"img_size=\(64, 96\)$"):
+        model(torch.randn(1, 3, 64, 96))
+    with pytest.raises(ValueError, match=r"got 32x32; resize them, or build it with img_size=32$"):
+        model(torch.randn(1, 3, 32, 32))

@@ -96,8 +96,10 @@ class MAE(nn.Module):
         enc, p = self.encoder, self.config.patch_size
         grid = enc.image_grid(images)
         if grid != enc.grid:
-            raise ValueError(f"MAE was built for {enc.config.img_size}px images, got "
-                             f"{images.shape[-2]}x{images.shape[-1]}; build it with that img_size")
+            built = "x".join(str(side * p) for side in enc.grid)
+            size = images.shape[-2] if images.shape[-2] == images.shape[-1] else tuple(images.shape[-2:])
+            raise ValueError(f"MAE was built for {built} images, got {images.shape[-2]}x{images.shape[-1]}; resize "
+                             f"them, or build it with img_size={size}")
         n, length = images.shape[0], grid[0] * grid[1]
         if n == 0:  # as LoMaR's: the loss over no masked patch is 0 / 0
             raise ValueError("MAE needs at least one image; got an empty batch")
