@@ -86,16 +86,31 @@ def test_eval_only_finds_a_split_recorded_relative_under_the_folder_its_run_star
 
 
 def test_eval_only_of_a_split_recorded_relative_where_its_run_folder_does_not_tell_it(tmp_path, capsys, monkeypatch):
-    """--out recorded absolute: the split is looked for under this folder, and refused in one line where absent."""
+    """--out recorded absolute: the folder the run started in is not told, so a split of that relative name under
+    this folder (maybe another dataset's) is not scored but named in the one-line refusal, as the fix."""
     path = _relative_detector(tmp_path, str(tmp_path / "proj" / "runs" / "det"))
-    (here := tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(here)
+    refusal = (f"lomar detect: error: --eval-only scores {path} on the split its run scored, coco/valid.json, recorded "
+               f"relative to the folder that run was started in, which its checkpoint does not tell (its --out, "
+               f"{tmp_path / 'proj' / 'runs' / 'det'}, is not a path down from it); pass --val-ann FILE (and "
+               f"--val-images DIR) of the split to score")
+    monkeypatch.chdir(tmp_path)
     assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
-    assert capsys.readouterr().err == (
-        f"lomar detect: error: --eval-only scores {path} on the split its run scored, coco/valid.json, recorded "
-        f"relative to the folder that run was started in, which its checkpoint does not tell, and not under this "
-        f"folder ({here}); run this from the folder that run was started in, or pass --val-ann FILE (and "
-        f"--val-images DIR) of the split to score\n")
+    assert capsys.readouterr().err == refusal + "\n"
     monkeypatch.chdir(tmp_path / "proj")
-    assert main(["detect", "--eval-only", "--pretrained", str(path), "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["val_ann"] == str(tmp_path / "proj" / "coco/valid.json")
+    assert main(["detect", "--eval-only", "--pretrained", str(path), "--print-config"]) == 2
+    here = tmp_path / "proj" / "coco" / "valid.json"
+    assert capsys.readouterr().err == f"{refusal}; this folder holds {here}: pass it if it is that one\n"
+
+
+def test_eval_only_of_a_moved_run_folder_names_the_split_under_this_folder_without_scoring_it(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A run folder moved since its run (runs/det to old/det): its relative --out tells no folder, and the split of
+    that relative name here is another dataset's as likely as the run's, so it is refused, not scored."""
+    _relative_detector(tmp_path, "runs/det")
+    (tmp_path / "proj" / "runs").rename(moved := tmp_path / "proj" / "old")
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["detect", "--eval-only", "--pretrained", str(moved / "det" / "last.pt"), "--print-config"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"(its folder, {moved / 'det'}, does not end with the --out it recorded, runs/det: moved, renamed or copied "
+        f"out since); pass --val-ann FILE (and --val-images DIR) of the split to score; this folder holds "
+        f"{tmp_path / 'proj' / 'coco/valid.json'}: pass it if it is that one\n")

@@ -32,16 +32,26 @@ def started_in(out: object, checkpoint: str | Path) -> Path | None:
 
 def recorded_path(value: str, settings: dict, checkpoint: str | Path, refusal: str, fix: str) -> str:
     """``value``, a file or folder the run of ``checkpoint`` recorded in its ``settings``, as a path to read now: one
-    recorded absolute as it is; a relative one under the folder that run was started in (:func:`started_in`), else,
-    where that is not told, under this working folder where it is there. ConfigError otherwise, in one line:
-    ``refusal`` (what the recorded path is for), where it was looked for, and ``fix``."""
+    recorded absolute as it is; a relative one under the folder that run was started in (:func:`started_in`).
+    ConfigError where that folder is not told, in one line: ``refusal`` (what the recorded path is for), why, and
+    ``fix``, naming the path of that name under this working folder where there is one. That one is not taken: it
+    is the run's only where the run was started here, which nothing tells, and a split of another dataset under
+    the same relative name would be scored without a word."""
     path = Path(value).expanduser()
     if path.is_absolute():
         return value
     if (start := started_in(settings.get("out"), checkpoint)) is not None:
         return str(start / path)
-    if path.exists():
-        return str(path.absolute())
+    here = f"; this folder holds {path.absolute()}: pass it if it is that one" if path.exists() else ""
     raise ConfigError(f"{refusal}, {value}, recorded relative to the folder that run was started in, which its "
-                      f"checkpoint does not tell, and not under this folder ({Path.cwd()}); run this from the folder "
-                      f"that run was started in, or {fix}")
+                      f"checkpoint does not tell ({_untold(settings.get('out'), checkpoint)}); {fix}{here}")
+
+
+def _untold(out: object, checkpoint: str | Path) -> str:
+    """Why :func:`started_in` tells no folder for ``out`` and ``checkpoint``."""
+    if not isinstance(out, str) or not out.strip():
+        return "it recorded no --out"
+    if Path(out).expanduser().is_absolute() or ".." in Path(os.path.normpath(out)).parts:
+        return f"its --out, {out}, is not a path down from it"
+    return (f"its folder, {os.path.abspath(Path(checkpoint).parent)}, does not end with the --out it recorded, {out}: "
+            f"moved, renamed or copied out since")
