@@ -41,10 +41,10 @@ def _readers(path, **overrides):
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(dynamic_img_size=True), dict(qkv_bias=False),
-                                    dict(init_values=1e-5), dict(no_embed_class=True),
-                                    dict(no_embed_class=True, init_values=1e-5, qkv_bias=False)],
-                         ids=["plain", "dynamic_img_size", "qkv_bias=False", "layer_scale", "no_embed_class",
-                              "deit3_like"])
+                                    dict(init_values=1e-5), dict(no_embed_class=True, init_values=1e-5),
+                                    dict(no_embed_class=True, qkv_bias=False)],
+                         ids=["plain", "dynamic_img_size", "qkv_bias=False", "layer_scale", "deit3_like",
+                              "no_embed_class_no_qkv_bias"])
 def test_a_timm_layout_lomar_holds_gives_timms_features(tmp_path, layout):
     model, path = _timm_vit(tmp_path, **layout)
     images = _images(model)
@@ -97,13 +97,33 @@ def test_no_class_token_on_a_non_square_grid_is_refused_as_such(tmp_path, read):
         read(path, num_heads=2)
 
 
-def test_a_square_table_without_a_size_is_read_as_no_embed_class_saying_so(tmp_path, caplog):
-    model, path = _timm_vit(tmp_path, no_embed_class=True)
+def test_a_square_table_without_a_size_is_read_as_no_embed_class_in_timms_weights_saying_so(tmp_path, caplog):
+    """Layer scale is no lomar model's: its 16-entry table is read as timm's, and the other reading named."""
+    _timm_vit(tmp_path, no_embed_class=True, init_values=1e-5)
+    path = tmp_path / "vit.pth"
     with caplog.at_level(logging.WARNING, logger="lomar.checkpoints"):
         load_pretrained_encoder(path, num_heads=2)
     assert (f"{path}: its position table of 16 entries and its cls_token are read as timm's no_embed_class=True (a "
             f"4x4 grid, no position for the class token); one of a class entry and a 15-patch grid is read at the "
             f"size it was trained at: lomar export {path} --img-size HEIGHT WIDTH --to DIR") in caplog.text
+
+
+def test_a_plain_no_embed_class_table_asks_for_its_size_naming_both_readings_and_reads_at_it(tmp_path):
+    """Keys as lomar's and a 16-entry table: a 4x4 grid without a class entry, or lomar's class entry and 15 patches
+    (a 3x5 grid); no size saved or given, neither is guessed, and the size the refusal names reads it."""
+    model, path = _timm_vit(tmp_path, no_embed_class=True)
+    both = (r"holds 15 patches, not a square grid, and .* \(its 16 entries are also a 4x4 grid without a class entry, "
+            r"timm's no_embed_class=True, which {} reads\)$")
+    with pytest.raises(ValueError, match=both.format("--img-size 32")):
+        load_pretrained_encoder(path, num_heads=2)
+    with pytest.raises(ValueError, match=both.format("img_size=32")):
+        load_original(path, num_heads=2)
+    images = _images(model)
+    with torch.no_grad():  # load_model: lomar export --img-size 32's reading
+        for read in (load_original, load_model):
+            ours = read(path, num_heads=2, img_size=32).eval()
+            torch.testing.assert_close(ours.forward_features(images), model.forward_features(images), atol=1e-5,
+                                       rtol=0)
 
 
 def test_a_given_size_tells_a_class_entry_and_a_non_square_grid_from_no_embed_class(tmp_path):

@@ -34,7 +34,7 @@ from lomar.checkpoints.export_write import export_folder_of
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
-from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
+from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config, no_embed_class_side
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import (
     EncoderWeights,
@@ -51,6 +51,8 @@ from lomar.checkpoints.reader import (
 )
 from lomar.checkpoints.run_folder import run_checkpoints
 from lomar.checkpoints.sharded import read_sharded
+from lomar.checkpoints.timm_layout import lomar_layout, saved_size
+from lomar.models.abs_pos import square_side
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import command_line, is_size
@@ -157,9 +159,13 @@ def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
 def _unknown_grid(src: Source) -> ValueError:
     """A non-square table without a saved size, to be resampled: an export keeps the (height, width) given it."""
     export = command_line("lomar", "export", src.path, "--img-size", "HEIGHT", "WIDTH", "--to", "DIR")
+    other = no_embed_class_side(src.state)
+    also = (f" (its {other * other} entries are also a {other}x{other} grid without a class entry, timm's "
+            f"no_embed_class=True, which --img-size {other * src.state['patch_embed.proj.weight'].shape[-1]} reads)"
+            if other else "")
     return ValueError(f"{src.path}: its position table holds {src.state['pos_embed'].shape[1] - 1} patches, not a "
                       f"square grid, and it saves no image size to resample it from; record the size it was trained "
-                      f"at first: {export}, and read DIR")
+                      f"at first: {export}, and read DIR{also}")
 
 
 class PretrainReader(Reader):
@@ -222,6 +228,12 @@ class VitReader(Reader):
 
     def model(self, src, overrides):
         refuse_unused(src.path, "a ViT classifier or encoder, no pretraining model", overrides, {"num_heads", *_FREE})
+        table = src.state.get("pos_embed")
+        bare = saved_size(src.data) is None and table is not None and square_side(table) is None
+        if "img_size" in overrides and bare:
+            # the size given names the trained grid (trained_config): its cells tell a timm no_embed_class table from
+            # lomar's, which holds a class entry more
+            src = replace(src, state=lomar_layout(src.state, src.path, overrides["img_size"]))
         trained, state = self.trained_config(src, overrides), src.state
         config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
         num_classes, pool = _head(src)

@@ -7,6 +7,7 @@ checkpoint filter.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 import torch
@@ -19,7 +20,8 @@ from lomar.values import as_sides, command_line, is_size
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
-           "vit_from_original", "encoder_keys", "position_encoding", "args_dict", "infer_vit_config"]
+           "vit_from_original", "encoder_keys", "position_encoding", "args_dict", "infer_vit_config",
+           "no_embed_class_side"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
@@ -114,6 +116,17 @@ def _table_without_cls(state: dict[str, torch.Tensor]) -> bool:
     return "cls_token" not in state and "pos_embed" in state
 
 
+def no_embed_class_side(state: dict[str, torch.Tensor]) -> int | None:
+    """The side of the square grid a position table (1, N, D) is of read without a class entry (timm's
+    ``no_embed_class=True``) beside a stored ``cls_token``, or None where N is no square: the other reading of a
+    table that, read with one, is of no square grid."""
+    table = state.get("pos_embed")
+    if "cls_token" not in state or table is None or table.ndim != 3:
+        return None
+    side = math.isqrt(table.shape[1])
+    return side if side and side * side == table.shape[1] else None
+
+
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, where: object = None,
                      **overrides) -> ViTConfig:
     """Rebuild an encoder's :class:`ViTConfig` from the shapes of its weights (our key names).
@@ -147,9 +160,12 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     if not img_size and "pos_embed" in state:
         side = square_side(state["pos_embed"])
         if side is None:
+            other = no_embed_class_side(state)
+            also = (f" (its {other * other} entries are also a {other}x{other} grid without a class entry, timm's "
+                    f"no_embed_class=True, which img_size={other * patch} reads)" if other else "")
             raise ValueError(f"the position table holds {state['pos_embed'].shape[1] - 1} patches, not a square grid, "
                              f"and the checkpoint saves no image size; pass img_size=(height, width) for the size it "
-                             f"was trained at")
+                             f"was trained at{also}")
         img_size = side * patch
     # none saved: 224; one that is no size (a string, a float): ViTConfig's message names it
     sides = as_sides(img_size) if img_size and is_size(img_size) else ()

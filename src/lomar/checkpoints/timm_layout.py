@@ -8,7 +8,9 @@ function under other weights, which :func:`lomar_layout` writes exactly:
   linear before it, so it is folded into that linear (``attn.proj``, ``mlp.fc2``): ``γ⊙(Wx + b) = (γ⊙W)x + γ⊙b``;
 - a bias-less qkv (``qkv_bias=False``) is a qkv with zero biases;
 - a table without the class token's entry (``no_embed_class=True``, DeiT III) adds nothing to the class token: a zero
-  entry is put first.
+  entry is put first. Where no size is saved or given and the weights are not otherwise timm's, such a table of a
+  square grid is one shape with lomar's of a class entry and a non-square grid: the size is asked for
+  (:func:`lomar.checkpoints.keys.infer_vit_config` names both readings).
 
 Register tokens (``reg_tokens``: ``reg_token``, DINOv2-reg, ``vit_*_reg4_*``) are more tokens every block attends to,
 which lomar's [cls] + patch tokens cannot hold: such weights are refused, naming them.
@@ -41,16 +43,23 @@ def saved_size(data: dict) -> object:
     return next((hints[k] for k in ("img_size", "input_size") if is_size(hints.get(k))), None)
 
 
+def _not_lomars(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the weights hold what no lomar or original LoMaR / MAE model does (layer scale, a bias-less qkv): a
+    timm model's."""
+    return any(_GAMMA.match(k) for k in state) or ("blocks.0.attn.qkv.weight" in state
+                                                   and "blocks.0.attn.qkv.bias" not in state)
+
+
 def _table_without_class(state: dict[str, torch.Tensor], size: object) -> bool:
     """Whether the position table (1, N, D) holds no class token's entry (timm's ``no_embed_class=True``): its N
-    entries are the grid of ``size`` (the size saved or given), or, none known, a square grid's. A table of a class
-    entry and a non-square grid (1 + H·W) is no shape apart from a square grid without one (16 = 1 + 3x5 = 4x4): a
-    known size tells them apart."""
+    entries are the grid of ``size`` (the size saved or given); none known, a square grid's in weights no lomar model
+    has (:func:`_not_lomars`, DeiT III's layer scale). A table of a class entry and a non-square grid (1 + H·W, as
+    lomar's) is no shape apart from a square grid without one (25 = 1 + 4x6 = 5x5): there a size tells them apart."""
     table, patch = state.get("pos_embed"), state["patch_embed.proj.weight"].shape[-1]
     if "cls_token" not in state or table is None or table.ndim != 3 or not table.shape[1]:
         return False
     if size is None:
-        return math.isqrt(table.shape[1]) ** 2 == table.shape[1]
+        return math.isqrt(table.shape[1]) ** 2 == table.shape[1] and _not_lomars(state)
     sides = as_sides(size)
     if any(side % patch for side in sides):
         return False
