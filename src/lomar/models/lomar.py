@@ -20,6 +20,14 @@ __all__ = ["LoMaR", "LoMaROutput"]
 
 
 class LoMaROutput(NamedTuple):
+    """What :meth:`LoMaR.forward` gives (a tuple: ``loss, pred, plan = model(images)``).
+
+    loss: () mean squared error over the masked tokens. pred: (N·n, K·K, p·p·C) the head's output for every token of
+    each window, image-major, row r the window ``plan.flat()`` lists r-th; pixels in (row, col, channel) order
+    (:func:`~lomar.models.objective.patchify`), normalised by the patch's own mean and std where the model
+    has ``norm_pix_loss``. plan: the windows and masks used.
+    """
+
     loss: torch.Tensor  # () mean squared error over masked tokens
     pred: torch.Tensor  # (N·n, K·K, p·p·C) head output per window token, image-major
     plan: MaskingPlan
@@ -73,7 +81,9 @@ class LoMaR(nn.Module):
 
     def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
                 generator: torch.Generator | None = None) -> LoMaROutput:
-        """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
+        """images (N, C, H, W) normalised with ImageNet's mean and std, any size a multiple of the patch -> loss (),
+        pred (N·n, K·K, p·p·C), plan (:class:`LoMaROutput`). ``plan`` fixes the windows and masks; without it they are
+        drawn from ``generator`` (:meth:`sample_plan`)."""
         grid = self.encoder.image_grid(images)
         if images.shape[0] == 0:  # as MAE's: the loss over no masked token is 0 / 0
             raise ValueError("LoMaR needs at least one image; got an empty batch")

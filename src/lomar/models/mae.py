@@ -16,6 +16,14 @@ __all__ = ["MAE", "MAEOutput"]
 
 
 class MAEOutput(NamedTuple):
+    """What :meth:`MAE.forward` gives (a tuple: ``loss, pred, mask = model(images)``).
+
+    loss: () mean squared error over the removed patches. pred: (N, L, p·p·C) the decoder's output for every patch,
+    pixels in (row, col, channel) order (:func:`~lomar.models.objective.patchify`), normalised by the patch's
+    own mean and std where the model has ``norm_pix_loss``.
+    mask: (N, L) float, 1 where the patch was removed (and the loss reads it).
+    """
+
     loss: torch.Tensor  # ()
     pred: torch.Tensor  # (N, L, p·p·C) decoder output for every patch
     mask: torch.Tensor  # (N, L) float, 1 = removed (reconstructed)
