@@ -255,3 +255,19 @@ def test_mae_names_images_of_another_size_and_the_img_size_that_takes_them():
         model(torch.randn(1, 3, 64, 96))
     with pytest.raises(ValueError, match=r"got 32x32; resize them, or build it with img_size=32$"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_a_uint8_batch_is_told_the_call_that_makes_it_one_the_model_takes():
+    import torchvision.transforms.v2.functional as F
+
+    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2))
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError) as info:
+        model(pixels)
+    fix = "torchvision.transforms.v2.functional.normalize(images / 255, IMAGENET_MEAN, IMAGENET_STD)"
+    assert fix in str(info.value) and "lomar.data.transforms" in str(info.value)
+    images = F.normalize(pixels / 255, IMAGENET_MEAN, IMAGENET_STD)  # the fix as the message words it
+    assert model(images).shape == (2, 16)
+    assert torch.allclose(denormalize(images) * 255, pixels.float(), atol=1e-3)

@@ -71,8 +71,12 @@ class PatchEmbed(nn.Module):
         if images.device != weight.device:  # else torch names neither tensor nor the fix, deep in the conv
             raise ValueError(f"images are on {images.device} but the model's weights are on {weight.device}: move "
                              f"them with images.to({str(weight.device)!r}) (or the model with model.to(...))")
-        if not images.is_floating_point() or (images.dtype != weight.dtype and
-                                              not torch.is_autocast_enabled(images.device.type)):
+        if not images.is_floating_point():  # pixels as decoded (0-255): the scaling and normalising both lack
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weight.dtype}: pass float "
+                             f"images normalised with the ImageNet mean and std, "
+                             f"torchvision.transforms.v2.functional.normalize(images / 255, IMAGENET_MEAN, "
+                             f"IMAGENET_STD) (from lomar.data.transforms) for 0-255 pixels")
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
             raise ValueError(f"images are {images.dtype} but the model's weights are {weight.dtype}: pass float "
                              f"images normalised with the ImageNet mean and std, as {weight.dtype} (or run under "
                              f"torch.autocast)")
