@@ -123,3 +123,48 @@ def test_a_class_folder_read_by_the_draft_load_is_checked_at_one_eighth(tmp_path
     assert folder[0][0].shape == (3, 64, 64) and scales == [2]  # what it reads: the draft scale
     own = partial(load_image_reduced, min_side=73, max_pixels=10**6)
     assert LabelledImageFolder(tmp_path, load=own).check is own
+
+
+def _pillow_kinds() -> dict[str, bytes]:
+    """Files Pillow decodes (PNG, TIFF, BMP, GIF, a turned WebP) of every mode whose conversion to RGB differs, whole
+    and cut: the ones load_image refuses after decoding (a float TIFF, a signed one) among them."""
+    photo = Image.fromarray(photo_like(24, 32))
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    wide = Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 7).astype(np.uint16))
+    images = {**{mode: photo.convert(mode) for mode in ("1", "LA", "P", "RGBA", "CMYK", "YCbCr")}, "I16": wide,
+              "LAB": Image.new("LAB", (32, 24), (50, 10, 10)),
+              "signed": Image.fromarray((np.arange(24 * 32).reshape(24, 32) - 100).astype(np.int32)),
+              "float": Image.fromarray(np.linspace(0, 1, 24 * 32, dtype=np.float32).reshape(24, 32))}
+    kinds = {f"{mode}.tif": _save(image, "TIFF", compression="tiff_lzw") for mode, image in images.items()}
+    kinds.update({f"{mode}.png": _save(images[mode], "PNG") for mode in ("1", "LA", "P", "RGBA", "I16")})
+    kinds.update({"P_transparent.png": _save(photo.convert("P"), "PNG", transparency=3),
+                  "turned.png": _save(photo, "PNG", exif=turned.tobytes()), "turned.webp": _save(
+                      photo, "WEBP", exif=turned.tobytes()), "photo.bmp": _save(photo, "BMP"),
+                  "photo.gif": _save(photo, "GIF"), "turned.tif": _save(photo, "TIFF", exif=turned.tobytes())})
+    return {**kinds, **{f"cut_{name}": data[:len(data) * 2 // 3] for name, data in kinds.items()}}
+
+
+def _save(image: Image.Image, kind: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind, **options)
+    return out.getvalue()
+
+
+def test_a_file_pillow_decodes_is_refused_where_load_image_refuses_it_without_its_whole_conversion(tmp_path,
+                                                                                                  monkeypatch):
+    """check_bytes: decode_bytes' verdict and message, the decoded image's conversion tried on a 1x1 crop of it
+    (mode, palette and transparency pick Pillow's converter), not on the whole image."""
+    import lomar.data.decode as decode
+
+    for name, data in _pillow_kinds().items():
+        (tmp_path / name).write_bytes(data)
+    verdicts = {path.name: (_verdict(load_image, path), _verdict(check_image, path)) for path in tmp_path.iterdir()}
+    assert {name: full for name, (full, check) in verdicts.items() if full != check} == {}
+    refused = sorted(name for name, (full, _) in verdicts.items() if full)
+    assert {"float.tif", "signed.tif"} <= set(refused) and len(refused) >= len(verdicts) // 2
+    converted, convert = [], decode.pil_to_tensor
+    monkeypatch.setattr(decode, "pil_to_tensor", lambda image: converted.append(image.size) or convert(image))
+    for name in ("RGBA.png", "turned.png", "P.tif", "photo.bmp"):
+        check_image(tmp_path / name)
+    assert converted == [(1, 1)] * 4

@@ -35,8 +35,8 @@ from lomar.errors import exception_line
 from lomar.limits import env_limit
 
 __all__ = ["WIDE_MODES", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
-           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "decode_box_reduced", "pil_to_tensor",
-           "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS"]
+           "oriented_size", "decode_bytes", "check_bytes", "load_image", "load_image_reduced", "decode_box_reduced",
+           "pil_to_tensor", "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS"]
 
 # What Pillow may identify a file as: the formats of image_names.IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a
 # JPEG of several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands
@@ -228,6 +228,19 @@ def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> torch
     header before decoding. PNG goes to Pillow: libpng, through torchvision, crashes the process
     on an IDAT stream shorter than the header promises.
     """
+    return _decode(data, name, max_pixels, rgb=True)
+
+
+def check_bytes(data: bytes, name: str, max_pixels: int | None = None) -> None:
+    """None where :func:`decode_bytes` decodes ``data``, else the error it raises, for less where Pillow decodes it
+    (a PNG, TIFF, BMP, GIF): the decoded image's conversion to RGB is tried on a 1x1 crop of it, which keeps its mode,
+    palette and transparency, what picks Pillow's converter and so whether it fails; the whole image's copies to RGB
+    and to a tensor are left out. A JPEG (the cut check reads its pixels) or a WebP libwebp takes is decoded whole."""
+    _decode(data, name, max_pixels, rgb=False)
+
+
+def _decode(data: bytes, name: str, max_pixels: int | None, rgb: bool) -> torch.Tensor:
+    """:func:`decode_bytes`; ``rgb`` False: an image Pillow decodes (not a JPEG) is converted as a 1x1 crop of it."""
     kind, size, limit = _checked_header(data, name, max_pixels)
     if kind == "jpeg" or (kind == "webp" and _upright(data, name, limit)):
         # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...); its WebP decoder ignores EXIF.
@@ -266,7 +279,7 @@ def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> torch
                                                f"{arr.max():.0f} has no known range; convert it to 8 or 16 bits")
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-            return _whole(pil_to_tensor(img), data, name, kind)
+            return _whole(pil_to_tensor(img if rgb or kind == "jpeg" else img.crop((0, 0, 1, 1))), data, name, kind)
     except Exception as exc:
         if isinstance(exc, ImageFileError) and exc.path == str(name):
             raise  # ours (the header checks', the modes', a cut JPEG's), naming the file
