@@ -94,7 +94,15 @@ def test_the_pngs_of_a_folder_without_a_list_are_counted_as_left(tmp_path, capsy
     (folder / "sub").mkdir(parents=True)
     for name in ("a.png", "b.png", "sub/c.png", ".hidden.png", "notes.txt"):
         (folder / name).write_bytes(b"earlier, or the user's")
-    assert write_label_maps(folder, [("a", b"1")]) == 2  # b.png and sub/c.png
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "d.png").write_bytes(b"the user's")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a link: the user's
+    (folder / "e.png").symlink_to(tmp_path / "elsewhere" / "d.png")
+    (folder / ".cache" / "deep").mkdir(parents=True)  # hidden: lomar lists nothing there
+    (folder / ".cache" / "deep" / "f.png").write_bytes(b"the user's")
+    (folder / "sub" / "deeper").mkdir()
+    (folder / "sub" / "deeper" / "g.png").write_bytes(b"earlier, or the user's")
+    assert write_label_maps(folder, [("a", b"1")]) == 3  # b.png, sub/c.png and sub/deeper/g.png
     assert write_label_maps(folder, [("a", b"1")]) == 0 and (folder / "b.png").exists()
 
 

@@ -67,11 +67,27 @@ def end_label_maps(folder: Path, before: set[str] | None, written: set[str], rem
         _list(folder, written)
     if not (remove and unlisted):
         return 0
-    left = 0
-    for top, _, files in os.walk(folder):  # not into a linked folder: the user's
-        below = Path(top).relative_to(folder)
-        left += sum(1 for file in files if (name := (below / file).as_posix()) not in written and _below(name)
-                    and not (Path(top) / file).is_symlink())
+    return _unlisted(folder, written)
+
+
+def _unlisted(folder: Path, written: set[str]) -> int:
+    """The PNGs below ``folder`` that are not ``written`` and that lomar could have listed (:func:`_below`): a hidden
+    folder, which holds none such, and a link, the user's, are not entered. One listing of each folder it enters,
+    read from its entries (no stat of a file): a folder lomar is pointed at may be a dataset's of many thousand PNGs."""
+    left, todo = 0, [(str(folder), "")]
+    while todo:
+        top, below = todo.pop()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or "\\" in entry.name or entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append((entry.path, f"{below}{entry.name}/"))
+                    elif entry.name.endswith(".png") and f"{below}{entry.name}" not in written:
+                        left += 1
+        except OSError:  # a folder it cannot list is not counted, not a reason to fail the writes done
+            continue
     return left
 
 
