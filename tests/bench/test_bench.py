@@ -145,9 +145,10 @@ def test_the_plot_draws_every_method_timed(tmp_path, monkeypatch):
     """Every method timed has its line on the plot (BEiT, BEiT + windows and MAE per window too), not only MAE's
     and LoMaR's."""
     from lomar.bench import report
+    from lomar.viz import reconstruction
 
-    figures = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append(fig) or path)
+    figures = []  # plot_times imports the writer when it draws
+    monkeypatch.setattr(reconstruction, "save_figure", lambda fig, path, dpi: figures.append(fig) or path)
     records = [dict(method=method, window_setting=setting, windows=windows, img_size=size, step_s=0.1 * size)
                for size in (224, 448)
                for method, setting, windows in (("lomar", "paper", 4), ("mae", "-", None), ("beit", "-", None),

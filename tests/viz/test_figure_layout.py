@@ -117,8 +117,8 @@ def _attention(context: str, depth: int, tmp_path):
 def _bench_figure(tmp_path):
     from lomar.bench import report
 
-    captured = []
-    with mock.patch.object(report, "save_figure", lambda fig, path, dpi: captured.append(fig) or path):
+    captured = []  # plot_times imports the writer when it draws
+    with mock.patch.object(reconstruction, "save_figure", lambda fig, path, dpi: captured.append(fig) or path):
         report.plot_times(_bench_records(), tmp_path / "bench.png", subtitle="cpu, 2 threads")
     return captured[0]
 
