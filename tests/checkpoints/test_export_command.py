@@ -202,6 +202,21 @@ def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path
         create_encoder(checkpoint)
 
 
+def test_export_encoder_given_a_beit_names_beits_own_writer(tmp_path):
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+    from lomar.models.beit_pretrain import BEiTPretrain
+    from lomar.tokenizers.kmeans import KMeansTokenizer
+
+    config = BEiTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, vocab_size=4)
+    beit, tokenizer = BEiT(config), KMeansTokenizer(torch.randn(4, 192), patch=8, input_size=32)
+    for model, held in ((beit, "model"), (BEiTPretrain(config, tokenizer, 3, 1), "model.beit")):
+        with pytest.raises(TypeError, match=rf"got {type(model).__name__}; export a BEiT with "
+                                            rf"lomar\.checkpoints\.export_beit\.export_beit_encoder\({held}, DIR\)"):
+            export_encoder(model, tmp_path / "ex")
+    assert (export_beit_encoder(beit, tmp_path / "ex") / "config.json").is_file()  # the writer named takes it
+
+
 def test_export_paths_that_are_no_folder_are_named_for_the_python_caller(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match=r"file is a file, not a folder: an export is a folder"):

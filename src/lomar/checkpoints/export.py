@@ -102,8 +102,12 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     """
     if not isinstance(encoder, VisionTransformer):
         if not isinstance(getattr(encoder, "encoder", None), VisionTransformer):
+            # a BEiT (or BEiTPretrain, holding one as .beit) is exported in timm's Beit layout by its own writer
+            held = "model.beit" if hasattr(encoder, "beit") else "model"
+            beit = (f"; export a BEiT with lomar.checkpoints.export_beit.export_beit_encoder({held}, DIR)"
+                    if "BEiT" in type(encoder).__name__ else "")
             raise TypeError(f"export_encoder takes a lomar.VisionTransformer (or a LoMaR / MAE model), got "
-                            f"{type(encoder).__name__}")
+                            f"{type(encoder).__name__}{beit}")
         encoder = encoder.encoder
     if encoder.config.rel_pos != "none":
         raise ValueError(f"this encoder carries a dense task's relative position term (rel_pos="
