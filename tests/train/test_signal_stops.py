@@ -209,3 +209,22 @@ def test_a_run_stopped_on_an_evaluation_step_evaluates_it_when_resumed(tmp_path)
     assert scores(stopped) == scores(straight) and _losses(stopped) == _losses(straight)
     a, b = safe_load(straight / "best.pt"), safe_load(stopped / "best.pt")
     assert a["step"] == b["step"] and a["metrics"] == b["metrics"]
+
+
+def test_a_stop_signal_during_begin_stops_the_run_before_its_first_step(tmp_path, capsys):
+    """pretrain draws its first reconstruction figure in begin (minutes at 2048 px on a CPU): a SIGTERM there stops the
+    run at its end, checkpointed at step 0, where it trained a first step before heeding it; the resume trains as the
+    run without the signal does."""
+
+    class SignalledInBegin(ToyTask):
+        def begin(self):
+            if self.progress.step == 0:
+                signal.raise_signal(signal.SIGTERM)
+
+    out, straight = tmp_path / "run", tmp_path / "a"
+    assert run(ToyConfig(out=str(out)), SignalledInBegin) == 0
+    assert "stopped by SIGTERM at step 0" in capsys.readouterr().out
+    assert safe_load(out / "last.pt")["step"] == 0 and _losses(out) == []
+    assert run(ToyConfig(out=str(out), resume="auto"), ToyTask) == 0
+    assert run(ToyConfig(out=str(straight)), ToyTask) == 0
+    assert _losses(out) == _losses(straight) and len(_losses(out)) == 12

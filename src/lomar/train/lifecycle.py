@@ -140,8 +140,11 @@ class _Run:
         # the main process's, stopping the others with it as a failed save does (a full disk); a resume's too: a kill
         # between a checkpoint and what saved(path) writes after it leaves that to write again
         save_on_main_rank(task.begin, self.info.is_main, self.device)
-        stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
-        if p.step and task.eval_steps and p.step % task.eval_steps == 0 and self.evaluated_step not in (None, p.step):
+        # a signal during begin (pretrain's first reconstruction figure: minutes at 2048 px on a CPU) stops the run
+        # there, as one during an evaluation does, not after a first step that may take as long again
+        stopping, self.epoch_tick = self._stopped_in_work(), time.perf_counter()
+        if not stopping and p.step and task.eval_steps and p.step % task.eval_steps == 0 \
+                and self.evaluated_step not in (None, p.step):
             self.save(self._evaluate())  # a stop that checkpointed this step came before its evaluation
             stopping = self._stopped_in_work()
         stream = EpochStream(task)
