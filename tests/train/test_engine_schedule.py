@@ -74,11 +74,11 @@ def test_beits_fractional_warm_up_is_rounded_half_up_to_whole_steps(warmup, step
 
 def test_the_warmup_warning_follows_the_runs_schedule():
     # steps 0-3 of MAE's: 0.6 at step 3 (0-based), the run's step 4
-    assert "peaks at 0.6 (step 4's, the run's highest) instead of the peak lr 1" in warmup_warning(4, 100, 5, 1.0)
+    assert "rises only to 0.6, at its last step, short of the peak lr 1;" in warmup_warning(4, 100, 5, 1.0)
     assert warmup_warning(5, 100, 5, 1.0) is None  # a run that ends with its warm-up is not warned
     assert warmup_warning(8, 100, 8.4, 1.0, schedule=lr_at_whole_steps) is None  # 8 whole steps: the peak at 7
     assert warmup_warning(5, 100, 5, 1.0, schedule=lr_at_whole_steps) is None  # BEiT's peaks at step 4
-    assert "peaks at 0.75" in warmup_warning(4, 100, 5, 1.0, schedule=lr_at_whole_steps)
+    assert "rises only to 0.75," in warmup_warning(4, 100, 5, 1.0, schedule=lr_at_whole_steps)
 
 
 def test_the_warmup_warning_names_the_setting_that_made_the_warm_up():
@@ -103,13 +103,14 @@ def test_a_warm_up_cut_to_the_schedule_is_said_with_both_lengths():
     segment = SimpleNamespace(warmup_steps=1500, schedule_steps=None)
     said = warmup_warning(200, 200, 200, 1.0, config=segment)  # it ends with its (cut) warm-up: 0.995 at step 199
     assert said.startswith("--warmup-steps 1500 is longer than this run's 200-step lr schedule") and \
-        "peaks at 0.995 (step 200's, the run's highest) instead of the peak lr 1" in said and \
+        "rises only to 0.995, at its last step, short of the peak lr 1;" in said and \
         said.endswith("lower --warmup-steps below 200 (e.g. 20)")
     assert warmup_warning(1, 1, 1, 1.0, config=segment).endswith("below 1 (e.g. 0)")  # 0: no warm-up, a valid fix
     # --max-steps 50 in a 1000-step schedule: the fix must end the warm-up before the run stops, not the schedule
     longer = SimpleNamespace(warmup_steps=1500, schedule_steps=1000)
     said = warmup_warning(50, 1000, 1000, 1.0, config=longer)
-    assert said.endswith("never decays, and this run stops at step 50; lower --warmup-steps below 50 (e.g. 5)"), said
+    assert said.endswith("never decays, and this run stops at step 50: the lr rises only to 0.049, at its last step, "
+                         "short of the peak lr 1; lower --warmup-steps below 50 (e.g. 5)"), said
     assert warmup_warning(50, 1000, 5, 1.0, config=SimpleNamespace(warmup_steps=5, schedule_steps=1000)) is None
     assert warmup_warning(200, 200, 200, 1.0, config=SimpleNamespace(warmup_steps=200)) is None  # as asked
     assert warmup_warning(200, 200, 200, 1.0, config=segment, resumed=True) is None  # told at its start

@@ -206,10 +206,10 @@ def test_a_two_step_schedules_warning_and_resume_refusal_say_which_lr_each_is():
 
     lr = SegmentTask.lr_schedule_of(SegmentConfig())
     warned = warmup_warning(2, 2.0, 2.0, 1e-3, 0.0, lr, config=SimpleNamespace(warmup_steps=1500))
-    assert "the lr peaks at 0.0005 (step 2's, the run's highest) instead of the peak lr 0.001 and never" in warned
+    assert "never decays: the lr rises only to 0.0005, at its last step, short of the peak lr 0.001;" in warned
     refused = schedule_overrun(4, 2.0, 2.0, 1e-3, 0.0, lr, config=SimpleNamespace(max_steps=4, resume="last.pt"))
-    assert ("steps 3-4 would all train at lr 0.001, the peak lr: its warm-up ends with its schedule, whose last "
-            "step, 2, trains at 0.0005, the highest lr of the schedule; end it at --max-steps 2") in refused, refused
+    assert ("steps 3-4 would all train at the peak lr 0.001, which its warm-up reaches only where its schedule ends: "
+            "its last step, 2, trains at 0.0005; end it at --max-steps 2") in refused, refused
 
 
 def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_path):

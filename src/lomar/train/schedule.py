@@ -48,15 +48,16 @@ def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base
         stops = f", and this run stops at step {last_step}" if last_step < total_steps else ""
         below = min(last_step, math.floor(total_steps))
         return (f"--warmup-steps {asked} is longer than this run's {total_steps:g}-step lr schedule: it warms up over "
-                f"all of it, the lr peaks at {_highest(peak, last_step, base_lr)} and never decays{stops}; lower "
+                f"all of it and never decays{stops}: {_highest(peak, base_lr)}; lower "
                 f"--warmup-steps below {below} (e.g. {below // 10})")
-    return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
-            f"{_highest(peak, last_step, base_lr)}; {_warmup_fix(config, warmup_steps, resumed)}")
+    return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: "
+            f"{_highest(peak, base_lr)}; {_warmup_fix(config, warmup_steps, resumed)}")
 
 
-def _highest(lr: float, step: int, base_lr: float) -> str:
-    """Which lr a warm-up cut short peaks at, told from the peak lr it never reaches (the one past its end)."""
-    return f"{lr:.3g} (step {step}'s, the run's highest) instead of the peak lr {base_lr:.3g}"
+def _highest(lr: float, base_lr: float) -> str:
+    """The highest lr of a run its warm-up outlasts (its last step's), told apart from the peak lr it never reaches:
+    "peaks at" both would read as one lr."""
+    return f"the lr rises only to {lr:.3g}, at its last step, short of the peak lr {base_lr:.3g}"
 
 
 def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
@@ -123,8 +124,8 @@ def schedule_overrun(last_step: int, total_steps: float, warmup_steps: float, ba
     lr = f"min_lr {min_lr:g}" if math.isclose(end, min_lr) else \
         f"lr {end:.3g} ({end / base_lr:.3g} x the peak lr {base_lr:.3g}, where its schedule ends)"
     if end > last * (1 + 1e-9):  # a warm-up as long as the schedule: the run's warning named the lower lr
-        lr = (f"lr {end:.3g}, the peak lr: its warm-up ends with its schedule, whose last step, "
-              f"{math.ceil(total_steps)}, trains at {last:.3g}, the highest lr of the schedule")
+        lr = (f"the peak lr {end:.3g}, which its warm-up reaches only where its schedule ends: its last step, "
+              f"{math.ceil(total_steps)}, trains at {last:.3g}")
     return (f"this run's lr schedule ends at step {total_steps:g} (schedule_steps), but it would go on to step "
             f"{last_step}: steps {math.floor(total_steps) + 1}-{last_step} would all train at {lr}; "
             f"end it at --max-steps {math.floor(total_steps)}, or {fix}")
