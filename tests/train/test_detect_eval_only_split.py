@@ -90,8 +90,8 @@ def test_eval_only_of_a_split_recorded_relative_where_its_run_folder_does_not_te
     this folder (maybe another dataset's) is not scored but named in the one-line refusal, as the fix."""
     path = _relative_detector(tmp_path, str(tmp_path / "proj" / "runs" / "det"))
     refusal = (f"lomar detect: error: --eval-only scores {path} on the split its run scored, coco/valid.json, recorded "
-               f"relative to the folder that run was started in, which its checkpoint does not tell (its --out, "
-               f"{tmp_path / 'proj' / 'runs' / 'det'}, is not a path down from it); pass --val-ann FILE (and "
+               f"relative to the folder that run was started in, which its checkpoint does not tell (the --out it "
+               f"recorded, {tmp_path / 'proj' / 'runs' / 'det'}, is absolute); pass --val-ann FILE (and "
                f"--val-images DIR) of the split to score")
     monkeypatch.chdir(tmp_path)
     assert main(["detect", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2

@@ -51,7 +51,9 @@ def _untold(out: object, checkpoint: str | Path) -> str:
     """Why :func:`started_in` tells no folder for ``out`` and ``checkpoint``."""
     if not isinstance(out, str) or not out.strip():
         return "it recorded no --out"
-    if Path(out).expanduser().is_absolute() or ".." in Path(os.path.normpath(out)).parts:
-        return f"its --out, {out}, is not a path down from it"
+    if Path(out).expanduser().is_absolute():
+        return f"the --out it recorded, {out}, is absolute"
+    if ".." in Path(os.path.normpath(out)).parts:
+        return f"the --out it recorded, {out}, goes up with '..'"
     return (f"its folder, {os.path.abspath(Path(checkpoint).parent)}, does not end with the --out it recorded, {out}: "
             f"moved, renamed or copied out since")
