@@ -81,3 +81,11 @@ def test_reconstruct_refuses_images_the_model_does_not_take_as_the_model_does(im
     assert words in str(info.value)
     with pytest.raises(TypeError, match="cannot draw reconstructions for VisionTransformer: pass a LoMaR or MAE"):
         reconstruct(_model().encoder, torch.randn(1, 3, 32, 32))
+
+
+def test_a_compiled_model_draws_the_figure_of_the_module_it_wraps():
+    # torch.compile's OptimizedModule is no LoMaR: it was refused as 'cannot draw reconstructions for OptimizedModule'
+    model, images = _model(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model)  # compiles nothing until called, and the figure calls the module it wraps
+    assert torch.equal(reconstruct(compiled, images)["reconstruction"], reconstruct(model, images)["reconstruction"])
+    assert draw_reconstruction(compiled, images).get_suptitle().startswith("LoMaR reconstruction")

@@ -43,6 +43,12 @@ def _unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) 
     return pred * std + mean
 
 
+def _compiled_module(model):
+    """The module ``torch.compile`` wrapped (its OptimizedModule is no LoMaR or MAE), else ``model``: a figure's one
+    forward gains nothing from the compiled graph."""
+    return getattr(model, "_orig_mod", model)
+
+
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, seed: int = 0,
                 plan: MaskingPlan | None = None) -> dict[str, torch.Tensor]:
@@ -55,6 +61,7 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     Images the model does not take (no tensor, another layout, dtype or device, a side not a multiple of the patch)
     are refused as the model's forward refuses them.
     """
+    model = _compiled_module(model)
     if not isinstance(model, (LoMaR, MAEWindow, MAE)):
         raise TypeError(f"cannot draw reconstructions for {type(model).__name__}: pass a LoMaR or MAE model (such as "
                         f"lomar.load_model of a pretraining checkpoint), not an encoder, which predicts no pixels")
@@ -172,6 +179,7 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised. The
     caption below says that a norm-pix model's predictions are shown rescaled with each true
     patch's mean and std."""
+    model = _compiled_module(model)  # its type names the figure and says how it masks
     parts = reconstruct(model, images, seed, plan=plan)
     p = model.config.patch_size
     # matplotlib is slow to import: only when a figure is drawn
