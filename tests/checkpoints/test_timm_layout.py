@@ -10,7 +10,9 @@ import pytest
 import timm
 import torch
 
+from lomar import VisionTransformer, ViTConfig
 from lomar.checkpoints.formats import load_model
+from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.original import load_original
 from lomar.eval.features import load_pretrained_encoder
 
@@ -146,3 +148,12 @@ def test_a_non_square_no_embed_class_table_is_read_at_the_size_given(tmp_path):
     with torch.no_grad():
         ours = load_original(path, num_heads=2, img_size=(32, 48)).eval()
         torch.testing.assert_close(ours.forward_features(images), model.forward_features(images), atol=1e-5, rtol=0)
+
+
+def test_a_given_size_does_not_turn_a_table_its_saved_size_reads_as_lomars_into_timms(tmp_path):
+    """A class entry and a 3x5 grid (24x40 px, saved) are 16 entries, a 4x4 grid's: img_size=32 given to
+    load_original contradicts the saved size and is refused as such, not read as a no_embed_class table."""
+    config = ViTConfig(img_size=(24, 40), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs")
+    atomic_save({"model": VisionTransformer(config).state_dict(), "config": config.to_dict()}, tmp_path / "v.pt")
+    with pytest.raises(ValueError, match=r"size mismatch for pos_embed"):
+        load_original(tmp_path / "v.pt", num_heads=2, img_size=32)

@@ -168,10 +168,11 @@ def _check_tiles(config: ViTConfig) -> None:
 def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True) -> nn.Module:
     """The model of an original checkpoint; not ``whole``: a pretraining model's encoder alone (see :func:`_infer`),
     checked and loaded as the whole model's is. A timm ViT's layout lomar's keys lack is read in lomar's
-    (:func:`~lomar.checkpoints.timm_layout.lomar_layout`), a given ``img_size`` before a saved one telling its table."""
+    (:func:`~lomar.checkpoints.timm_layout.lomar_layout`), its table told by the size it saved, else by a given
+    ``img_size``: a given one that contradicts the saved one (refused below) does not turn the table into timm's."""
     _refuse_beit(data.get("model", data), path)
     state = data.get("model", data)
-    if (ours := lomar_layout(state, path, overrides.get("img_size") or saved_size(data))) is not state:
+    if (ours := lomar_layout(state, path, saved_size(data) or overrides.get("img_size"))) is not state:
         data = {**data, "model": ours} if "model" in data else ours
     method, settings = _infer(data, dict(overrides), whole, path)
     state = data.get("model", data)
