@@ -94,6 +94,12 @@ def collate_labelled(batch: list[tuple], refill: bool = False) -> LabelledBatch:
     sources = [(item[2], *source) for item in good if (source := getattr(item, "source", None)) is not None]
     if not good:
         return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
+    if not isinstance(good[0][0], torch.Tensor):  # a folder built without a transform gives PIL images
+        kind = type(good[0][0])
+        raise TypeError(f"collate_labelled stacks image tensors, got {kind.__module__}.{kind.__qualname__} "
+                        f"({good[0][2]}); give the dataset a transform that ends in one, e.g. "
+                        f"torchvision.transforms.v2.Compose([Resize, CenterCrop, ToImage(), "
+                        f"ToDtype(torch.float32, scale=True), Normalize(mean, std)])")
     if refill:
         good = refilled(good, len(batch))
     return LabelledBatch(torch.stack([item[0] for item in good]),
