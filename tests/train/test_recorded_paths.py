@@ -34,3 +34,15 @@ def test_segment_eval_only_reads_data_recorded_relative_under_the_folder_its_run
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["segment", "--eval-only", "--pretrained", str(path), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data"] == str(data)
+
+
+def test_segment_eval_only_of_data_gone_from_where_its_run_recorded_it_says_it_is_the_runs(tmp_path, capsys):
+    """The --data the run recorded, read under the folder it started in, is gone: the refusal says whose it is, not
+    '--data X is not a folder' of a flag never typed."""
+    (run := tmp_path / "proj" / "runs" / "seg").mkdir(parents=True)
+    torch.save({"task": SEGMENT_TASK, "step": 2, "settings": {"data": "ade", "num_classes": 3, "img_size": 32,
+                                                              "out": "runs/seg"}}, path := run / "last.pt")
+    assert main(["segment", "--eval-only", "--pretrained", str(path), "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == (
+        f"lomar segment: error: --eval-only scores {path} on the data its run scored, {tmp_path / 'proj' / 'ade'}, "
+        f"which is not a folder now; pass --data ROOT of the dataset to score\n")

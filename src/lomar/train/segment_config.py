@@ -130,11 +130,15 @@ class SegmentConfig(TaskConfig):
             taken = {k: v for k, v in own.items() if k in SEGMENTER_OWN + _EVALUATED and k not in explicit}
             if explicit.get("img_size", own.get("img_size")) != own.get("img_size"):
                 taken.pop("eval_stride", None)
+            scores = f"--eval-only scores {saved} on the data its run scored"
             if isinstance(taken.get("data"), str):
-                taken["data"] = recorded_path(taken["data"], own, saved, f"--eval-only scores {saved} on the data "
-                                              f"its run scored", "pass --data ROOT of the dataset to score")
+                taken["data"] = recorded_path(taken["data"], own, saved, scores, "pass --data ROOT of the dataset to "
+                                              "score")
             for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                 setattr(self, name, value)
+            if "data" in taken and self.data is not None and not Path(self.data).is_dir():  # not a --data typed
+                raise ConfigError(f"{scores}, {self.data}, which is not a folder now; pass --data ROOT of the dataset "
+                                  f"to score")
         # a flag only: a run's config.yaml records its stride, which a whole-image scoring of the run leaves
         if explicit.get("eval_stride") is not None and source_of(self, "eval_stride") is None \
                 and self.eval_mode == "whole":
