@@ -6,20 +6,36 @@ import pickle
 import numpy as np
 import pytest
 from PIL import Image
+from torch._utils import ExceptionWrapper
 
 from lomar.data.decode import decode_box_reduced, open_pil, read_image_bytes
 from lomar.data.image_errors import READ, ImageFileError, reason
 
 
 def test_an_image_file_error_says_its_file_and_reason_and_pickles_whole():
-    """A loader worker's pickle rebuilds it from its parts (the message alone would not fill them)."""
+    """Pickled (as a process hands it on), it is rebuilt from its parts: the same path, reason and message."""
     error = ImageFileError("/data/a.jpg", "the file is empty (0 bytes)")
-    assert isinstance(error, ValueError) and str(error) == "cannot decode image /data/a.jpg: the file is empty (0 bytes)"
+    assert isinstance(error, ValueError)
+    assert str(error) == "cannot decode image /data/a.jpg: the file is empty (0 bytes)"
     again = pickle.loads(pickle.dumps(error))
     assert (again.path, again.reason, str(again)) == (error.path, error.reason, str(error))
     unread = ImageFileError("/data/b.jpg", "it is a folder, not an image file; remove it from the data", READ)
     assert str(unread).startswith("cannot read /data/b.jpg: it is a folder") and reason(unread) == unread.reason
     assert reason(OSError("image file is truncated")) == "image file is truncated"
+
+
+def test_an_image_file_error_a_loader_worker_raises_reaches_the_loop_as_a_value_error():
+    """A DataLoader worker sends its error as its type and text (pickled), and the loop rebuilds it from the text
+    alone: a ValueError there, as it left the worker, not torch's RuntimeError for a type it cannot rebuild."""
+    try:
+        raise ImageFileError("/data/a.jpg", "the file is empty (0 bytes)")
+    except ImageFileError:
+        sent = pickle.loads(pickle.dumps(ExceptionWrapper(where="in DataLoader worker process 0")))
+    with pytest.raises(ImageFileError, match="cannot decode image /data/a.jpg: the file is empty") as caught:
+        sent.reraise()
+    assert isinstance(caught.value, ValueError) and reason(caught.value) == str(caught.value)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (type(again), str(again), reason(again)) == (ImageFileError, str(caught.value), reason(caught.value))
 
 
 def test_a_reader_refusal_carries_the_file_and_reason_apart(tmp_path):

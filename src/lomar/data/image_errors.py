@@ -14,14 +14,20 @@ READ = "cannot read"  # the file was not read: not a regular file, over the byte
 
 class ImageFileError(ValueError):
     """``path`` (the file's name as the caller gave it) and ``reason`` (why, without the name); the message is
-    ``"{lead} {path}: {reason}"``, ``lead`` :data:`DECODE` or :data:`READ`. A ValueError, as every reader catches."""
+    ``"{lead} {path}: {reason}"``, ``lead`` :data:`DECODE` or :data:`READ`. A ValueError, as every reader catches.
 
-    def __init__(self, path: object, reason: str, lead: str = DECODE):
-        super().__init__(f"{lead} {path}: {reason}")
-        self.path, self.reason, self.lead = str(path), reason, lead
+    Given one argument, it is the whole message, ``path`` None and ``reason`` the message: torch's DataLoader rebuilds
+    a worker's error so, from its type and text, and a type it cannot rebuild reaches the loop a RuntimeError."""
 
-    def __reduce__(self):  # rebuilt from its parts, not from the message, where a loader worker pickles it
-        return type(self), (self.path, self.reason, self.lead)
+    def __init__(self, path: object, reason: str | None = None, lead: str = DECODE):
+        whole = reason is None
+        super().__init__(str(path) if whole else f"{lead} {path}: {reason}")
+        self.path: str | None = None if whole else str(path)
+        self.reason: str = str(self) if whole else reason
+        self.lead = lead
+
+    def __reduce__(self):  # rebuilt from its parts, not from the message, where it is pickled
+        return type(self), (self.reason,) if self.path is None else (self.path, self.reason, self.lead)
 
 
 def reason(exc: BaseException) -> str:
