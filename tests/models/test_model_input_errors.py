@@ -225,7 +225,8 @@ def test_a_model_name_or_a_dict_given_as_the_config_is_named(model):
     with pytest.raises(TypeError, match=r"config must be a lomar.ViTConfig, got str; build one with "
                                         r"lomar.model_config\('vit_base_patch16'\)"):
         model("vit_base_patch16")
-    with pytest.raises(TypeError, match="config must be a lomar.ViTConfig, got dict"):
+    with pytest.raises(TypeError, match=r"config must be a lomar.ViTConfig, got dict; build one with "
+                                        r"lomar.ViTConfig.from_dict\(config\)"):
         model({"img_size": 64})
 
 

@@ -49,6 +49,7 @@ class EncoderShape:
 
     @classmethod
     def from_dict(cls, data: dict):
+        """The config of ``data``'s fields, others left out (a ``config.json`` also names its architecture)."""
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
@@ -75,7 +76,9 @@ class ViTConfig(EncoderShape):
         """TypeError unless ``config`` is a ViTConfig: a model's name or a dict would otherwise fail further in, as
         an AttributeError."""
         if not isinstance(config, ViTConfig):
-            make = f"lomar.model_config({config!r})" if isinstance(config, str) else "lomar.model_config(NAME, ...)"
+            make = (f"lomar.model_config({config!r})" if isinstance(config, str) else
+                    "lomar.ViTConfig.from_dict(config) (an export's config.json reads so too)"
+                    if isinstance(config, dict) else "lomar.model_config(NAME, ...)")
             raise TypeError(f"config must be a lomar.ViTConfig, got {type(config).__name__}; build one with {make} "
                             f"or lomar.ViTConfig(...)")
 
