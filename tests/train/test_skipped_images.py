@@ -122,8 +122,8 @@ def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypa
 
 
 def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path):
-    """The decoder's reason begins 'cannot decode image PATH:'; the warning and the done line give the path once,
-    then the reason without that lead: 'PATH (image file is truncated ...)'."""
+    """The decoder's error says 'cannot decode image PATH: REASON'; the warning and the done line give the path once,
+    then the reason alone: 'PATH (image file is truncated ...)'."""
     whole = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(whole, "JPEG")
     (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
@@ -133,8 +133,8 @@ def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path
 
 
 def test_a_pretraining_runs_image_that_cannot_be_read_is_named_once_with_its_reason(tmp_path, monkeypatch):
-    """The reader's reason (a file over LOMAR_MAX_IMAGE_BYTES) begins 'cannot read PATH:': the warning gives the path
-    once, then the reason without that lead."""
+    """The reader's error (a file over LOMAR_MAX_IMAGE_BYTES) says 'cannot read PATH: REASON': the warning gives the
+    path once, then the reason alone."""
     path = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
     monkeypatch.setenv("LOMAR_MAX_IMAGE_BYTES", "100")
