@@ -157,3 +157,16 @@ def test_a_given_size_does_not_turn_a_table_its_saved_size_reads_as_lomars_into_
     atomic_save({"model": VisionTransformer(config).state_dict(), "config": config.to_dict()}, tmp_path / "v.pt")
     with pytest.raises(ValueError, match=r"size mismatch for pos_embed"):
         load_original(tmp_path / "v.pt", num_heads=2, img_size=32)
+
+
+@pytest.mark.parametrize("layout, named", [
+    (dict(pre_norm=True), r"pre_norm=True \(norm_pre: a norm before the blocks, as CLIP's\)"),
+    (dict(qk_norm=True), r"qk_norm=True \(attn.q_norm / k_norm: a norm of the queries and keys\)"),
+    (dict(global_pool="map"), r"global_pool='map' \(attn_pool: attention pooling, as SigLIP's\)")],
+    ids=["pre_norm", "qk_norm", "map"])
+@pytest.mark.parametrize("read", [load_pretrained_encoder, load_original], ids=lambda f: f.__name__)
+def test_a_layout_lomars_vit_does_not_hold_is_refused_naming_it(tmp_path, layout, named, read):
+    _, path = _timm_vit(tmp_path, **layout)
+    with pytest.raises(ValueError, match=rf"^{path} is a timm ViT of {named}, which lomar's ViT does not hold; pass a "
+                                         rf"ViT without it$"):
+        read(path, num_heads=2)

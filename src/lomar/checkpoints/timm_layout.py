@@ -13,7 +13,8 @@ function under other weights, which :func:`lomar_layout` writes exactly:
   (:func:`lomar.checkpoints.keys.infer_vit_config` names both readings).
 
 Register tokens (``reg_tokens``: ``reg_token``, DINOv2-reg, ``vit_*_reg4_*``) are more tokens every block attends to,
-which lomar's [cls] + patch tokens cannot hold: such weights are refused, naming them.
+which lomar's [cls] + patch tokens cannot hold: such weights are refused, naming them; so are a norm before the blocks
+(``pre_norm``, CLIP), a norm of the queries and keys (``qk_norm``) and attention pooling (``global_pool='map'``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ __all__ = ["saved_size", "timm_layouts", "lomar_layout"]
 
 _GAMMA = re.compile(r"^blocks\.(\d+)\.ls([12])\.gamma$")
 _SCALED = {"1": "attn.proj", "2": "mlp.fc2"}  # the linear whose output each layer scale scales
+# Layouts of timm's ViT with weights no linear of lomar's holds (a norm or a pooling it has not): a key of each, and
+# how timm names it, for a refusal that names the layout rather than its keys as unexpected.
+_UNHELD = {re.compile(r"^norm_pre\."): "pre_norm=True (norm_pre: a norm before the blocks, as CLIP's)",
+           re.compile(r"^blocks\.\d+\.attn\.[qk]_norm\."):
+               "qk_norm=True (attn.q_norm / k_norm: a norm of the queries and keys)",
+           re.compile(r"^attn_pool\."): "global_pool='map' (attn_pool: attention pooling, as SigLIP's)"}
 
 
 def saved_size(data: dict) -> object:
@@ -69,12 +76,14 @@ def _table_without_class(state: dict[str, torch.Tensor], size: object) -> bool:
 
 def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[str]:
     """The timm layouts of a ViT's weights (timm's key names) that lomar's keys lack, as timm names their settings:
-    ``reg_tokens``, ``init_values`` (layer scale), ``qkv_bias=False``, ``no_embed_class=True``; ``size``: the image
+    ``reg_tokens``, those lomar's ViT does not hold (``pre_norm``, ``qk_norm``, ``global_pool='map'``), ``init_values``
+    (layer scale), ``qkv_bias=False``, ``no_embed_class=True``; ``size``: the image
     size saved or given (see :func:`_table_without_class`). None of a pretraining model's or a BEiT's weights."""
     if ("patch_embed.proj.weight" not in state or holds_beit_keys(state)
             or any(k.startswith(PRETRAIN_ONLY) for k in state)):
         return []
     found = ["reg_tokens"] if "reg_token" in state else []
+    found += [name for key, name in _UNHELD.items() if any(key.match(k) for k in state)]
     found += ["init_values"] if any(_GAMMA.match(k) for k in state) else []
     found += ["qkv_bias=False"] if "blocks.0.attn.qkv.weight" in state and "blocks.0.attn.qkv.bias" not in state \
         else []
@@ -84,13 +93,17 @@ def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[st
 def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = None) -> dict[str, torch.Tensor]:
     """A timm ViT's weights (timm's key names) under lomar's layout, the same function (module docstring): layer scale
     folded, zero qkv biases, a zero class entry put first in a ``no_embed_class`` table (1, N, D) -> (1, 1+N, D).
-    ``size``: the image size saved or given. ValueError naming ``where`` for register tokens."""
+    ``size``: the image size saved or given. ValueError naming ``where`` for register tokens and the layouts lomar's
+    ViT does not hold."""
     layouts = timm_layouts(state, size)
     if "reg_tokens" in layouts:
         count = state["reg_token"].shape[1] if state["reg_token"].ndim == 3 else "its"
         raise ValueError(f"{where} holds {count} register tokens (reg_token: timm's reg_tokens={count}, as DINOv2 "
                          f"with registers and vit_*_reg4_* have), which lomar's ViT (a class token and the patch "
                          f"tokens) does not hold; pass a ViT without register tokens")
+    if unheld := [name for name in _UNHELD.values() if name in layouts]:
+        raise ValueError(f"{where} is a timm ViT of {', '.join(unheld)}, which lomar's ViT does not hold; pass a ViT "
+                         f"without it")
     if not layouts:
         return state
     out = {k: v for k, v in state.items() if not _GAMMA.match(k)}
