@@ -272,3 +272,13 @@ def test_a_uint8_batch_is_told_the_call_that_makes_it_one_the_model_takes():
     images = F.normalize(pixels / 255, IMAGENET_MEAN, IMAGENET_STD)  # the fix as the message words it
     assert model(images).shape == (2, 16)
     assert torch.allclose(denormalize(images) * 255, pixels.float(), atol=1e-3)
+
+
+def test_a_plan_drawn_on_the_pixel_size_is_told_that_a_plan_counts_patches():
+    model = LoMaR(model_config("vit_mini_patch8", img_size=64, depth=1), window_size=5, num_windows=3)
+    plan = lomar.sample_plan(2, (64, 64), 5, 3, 0.8, torch.Generator().manual_seed(0))  # the images' pixels
+    with pytest.raises(ValueError) as info:
+        model(torch.randn(2, 3, 64, 64), plan=plan)
+    assert "outside the 8x8 grid" in str(info.value)
+    assert str(info.value).endswith("(a plan counts patches, not pixels: sample_plan's grid is the images' size over "
+                                    "the patch size, here (8, 8))")

@@ -234,7 +234,8 @@ class MaskingPlan:
         if lowest < 0 or last_row >= rows or last_col >= cols:
             raise ValueError(
                 f"plan has windows outside the {grid[0]}x{grid[1]} grid: top-left rows must be in "
-                f"[0, {rows - 1}] and columns in [0, {cols - 1}] for {k}x{k} windows"
+                f"[0, {rows - 1}] and columns in [0, {cols - 1}] for {k}x{k} windows (a plan counts patches, not "
+                f"pixels: sample_plan's grid is the images' size over the patch size, here {tuple(grid)})"
             )
         return fewest, most
 
