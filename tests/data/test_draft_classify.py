@@ -102,7 +102,8 @@ def test_draft_needs_timms_random_resized_crop(photos):
 def test_finetune_decode_draft_trains_and_refuses_the_pretraining_only_modes(photos, pretrained, tmp_path, capsys,
                                                                              monkeypatch):
     cropped, crop = [], DraftCropFolder._crop
-    monkeypatch.setattr(DraftCropFolder, "_crop", lambda self, img: cropped.append(crop(self, img)) or cropped[-1])
+    monkeypatch.setattr(DraftCropFolder, "_crop",
+                        lambda self, img, path: cropped.append(crop(self, img, path)) or cropped[-1])
     shutil.copytree(photos, tmp_path / "data", ignore=shutil.ignore_patterns("cut.jpg"))
     args = ["finetune", "--pretrained", str(pretrained), "--data", str(tmp_path / "data"), "--img-size", "32",
             "--batch-size", "4", "--workers", "0", "--threads", "1", "--device", "cpu", "--max-steps", "2",
