@@ -44,9 +44,10 @@ def _readers(path, **overrides):
 
 @pytest.mark.parametrize("layout", [dict(), dict(dynamic_img_size=True), dict(qkv_bias=False),
                                     dict(init_values=1e-5), dict(no_embed_class=True, init_values=1e-5),
-                                    dict(no_embed_class=True, qkv_bias=False)],
+                                    dict(no_embed_class=True, qkv_bias=False), dict(proj_bias=False),
+                                    dict(proj_bias=False, qkv_bias=False, init_values=1e-5)],
                          ids=["plain", "dynamic_img_size", "qkv_bias=False", "layer_scale", "deit3_like",
-                              "no_embed_class_no_qkv_bias"])
+                              "no_embed_class_no_qkv_bias", "proj_bias=False", "no_biases_layer_scale"])
 def test_a_timm_layout_lomar_holds_gives_timms_features(tmp_path, layout):
     model, path = _timm_vit(tmp_path, **layout)
     images = _images(model)

@@ -6,7 +6,7 @@ function under other weights, which :func:`lomar_layout` writes exactly:
 
 - layer scale (``init_values``: ``blocks.i.ls1.gamma`` / ``ls2.gamma``, DeiT III, DINOv2) scales the output of the
   linear before it, so it is folded into that linear (``attn.proj``, ``mlp.fc2``): ``γ⊙(Wx + b) = (γ⊙W)x + γ⊙b``;
-- a bias-less qkv (``qkv_bias=False``) is a qkv with zero biases;
+- a bias-less linear (``qkv_bias=False``; ``proj_bias=False``: attn.proj, mlp.fc1, mlp.fc2) is one with zero biases;
 - a table without the class token's entry (``no_embed_class=True``, DeiT III) adds nothing to the class token: a zero
   entry is put first. Where no size is saved or given and the weights are not otherwise timm's, such a table of a
   square grid is one shape with lomar's of a class entry and a non-square grid: the size is asked for
@@ -36,6 +36,9 @@ __all__ = ["saved_size", "timm_layouts", "lomar_layout"]
 
 _GAMMA = re.compile(r"^blocks\.(\d+)\.ls([12])\.gamma$")
 _SCALED = {"1": "attn.proj", "2": "mlp.fc2"}  # the linear whose output each layer scale scales
+# A block's linears, each biased in lomar's ViT, and the timm setting that drops each one's bias
+_LINEARS = {"attn.qkv": "qkv_bias=False", "attn.proj": "proj_bias=False", "mlp.fc1": "proj_bias=False",
+            "mlp.fc2": "proj_bias=False"}
 # Layouts of timm's ViT with weights no linear of lomar's holds (a norm or a pooling it has not): a key of each, and
 # how timm names it, for a refusal that names the layout rather than its keys as unexpected.
 _UNHELD = {re.compile(r"^norm_pre\."): "pre_norm=True (norm_pre: a norm before the blocks, as CLIP's)",
@@ -50,11 +53,16 @@ def saved_size(data: dict) -> object:
     return next((hints[k] for k in ("img_size", "input_size") if is_size(hints.get(k))), None)
 
 
+def _biasless(state: dict[str, torch.Tensor]) -> list[str]:
+    """timm's settings that leave a block's linears without biases (``qkv_bias=False``, ``proj_bias=False``)."""
+    return sorted({name for linear, name in _LINEARS.items()
+                   if f"blocks.0.{linear}.weight" in state and f"blocks.0.{linear}.bias" not in state})
+
+
 def _not_lomars(state: dict[str, torch.Tensor]) -> bool:
-    """Whether the weights hold what no lomar or original LoMaR / MAE model does (layer scale, a bias-less qkv): a
+    """Whether the weights hold what no lomar or original LoMaR / MAE model does (layer scale, a bias-less linear): a
     timm model's."""
-    return any(_GAMMA.match(k) for k in state) or ("blocks.0.attn.qkv.weight" in state
-                                                   and "blocks.0.attn.qkv.bias" not in state)
+    return any(_GAMMA.match(k) for k in state) or bool(_biasless(state))
 
 
 def _table_without_class(state: dict[str, torch.Tensor], size: object) -> bool:
@@ -77,7 +85,7 @@ def _table_without_class(state: dict[str, torch.Tensor], size: object) -> bool:
 def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[str]:
     """The timm layouts of a ViT's weights (timm's key names) that lomar's keys lack, as timm names their settings:
     ``reg_tokens``, those lomar's ViT does not hold (``pre_norm``, ``qk_norm``, ``global_pool='map'``), ``init_values``
-    (layer scale), ``qkv_bias=False``, ``no_embed_class=True``; ``size``: the image
+    (layer scale), ``proj_bias=False``, ``qkv_bias=False``, ``no_embed_class=True``; ``size``: the image
     size saved or given (see :func:`_table_without_class`). None of a pretraining model's or a BEiT's weights."""
     if ("patch_embed.proj.weight" not in state or holds_beit_keys(state)
             or any(k.startswith(PRETRAIN_ONLY) for k in state)):
@@ -85,14 +93,14 @@ def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[st
     found = ["reg_tokens"] if "reg_token" in state else []
     found += [name for key, name in _UNHELD.items() if any(key.match(k) for k in state)]
     found += ["init_values"] if any(_GAMMA.match(k) for k in state) else []
-    found += ["qkv_bias=False"] if "blocks.0.attn.qkv.weight" in state and "blocks.0.attn.qkv.bias" not in state \
-        else []
+    found += _biasless(state)
     return found + (["no_embed_class=True"] if _table_without_class(state, size) else [])
 
 
 def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = None) -> dict[str, torch.Tensor]:
     """A timm ViT's weights (timm's key names) under lomar's layout, the same function (module docstring): layer scale
-    folded, zero qkv biases, a zero class entry put first in a ``no_embed_class`` table (1, N, D) -> (1, 1+N, D).
+    folded, zero biases for bias-less linears, a zero class entry put first in a ``no_embed_class`` table (1, N, D) ->
+    (1, 1+N, D).
     ``size``: the image size saved or given. ValueError naming ``where`` for register tokens and the layouts lomar's
     ViT does not hold."""
     layouts = timm_layouts(state, size)
@@ -107,13 +115,13 @@ def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = N
     if not layouts:
         return state
     out = {k: v for k, v in state.items() if not _GAMMA.match(k)}
+    for key in [k for k in state if k.endswith(tuple(f".{linear}.weight" for linear in _LINEARS))]:
+        out.setdefault(key.removesuffix("weight") + "bias", state[key].new_zeros(state[key].shape[0]))
     for key, gamma in state.items():
         if match := _GAMMA.match(key):
             linear = f"blocks.{match[1]}.{_SCALED[match[2]]}"
             out[f"{linear}.weight"] = state[f"{linear}.weight"] * gamma[:, None]
-            out[f"{linear}.bias"] = state[f"{linear}.bias"] * gamma
-    for key in [k for k in state if k.endswith(".attn.qkv.weight")]:
-        out.setdefault(key.removesuffix("weight") + "bias", state[key].new_zeros(state[key].shape[0]))
+            out[f"{linear}.bias"] = out[f"{linear}.bias"] * gamma
     if "no_embed_class=True" in layouts:
         table = state["pos_embed"]
         out["pos_embed"] = torch.cat([table.new_zeros(1, 1, table.shape[2]), table], dim=1)
