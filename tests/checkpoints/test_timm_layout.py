@@ -171,3 +171,16 @@ def test_a_layout_lomars_vit_does_not_hold_is_refused_naming_it(tmp_path, layout
     with pytest.raises(ValueError, match=rf"^{path} is a timm ViT of {named}, which lomar's ViT does not hold; pass a "
                                          rf"ViT without it$"):
         read(path, num_heads=2)
+
+
+@pytest.mark.parametrize("read", [load_model, load_original], ids=lambda f: f.__name__)
+def test_lomars_keys_read_as_no_embed_class_at_a_size_given_say_the_other_reading(tmp_path, caplog, read):
+    """A class entry and a 3x5 grid (24x40 px), saved with no size, are 16 entries, a 4x4 grid's: img_size=32 given
+    reads them as timm's, which the keys (lomar's own) do not tell, so it is said."""
+    config = ViTConfig(img_size=(24, 40), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs")
+    atomic_save({"model": VisionTransformer(config).state_dict()}, path := tmp_path / "v.pt")
+    with caplog.at_level(logging.WARNING, logger="lomar.checkpoints"):
+        read(path, num_heads=2, img_size=32)
+    assert (f"{path}: its position table of 16 entries is read at the img_size given as timm's no_embed_class=True (a "
+            f"4x4 grid, no position for the class token); lomar's own layout of a class entry and a 15-patch grid is "
+            f"read at the size it was trained at") in caplog.text

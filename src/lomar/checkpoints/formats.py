@@ -233,7 +233,7 @@ class VitReader(Reader):
         if "img_size" in overrides and bare:
             # the size given names the trained grid (trained_config): its cells tell a timm no_embed_class table from
             # lomar's, which holds a class entry more
-            src = replace(src, state=lomar_layout(src.state, src.path, overrides["img_size"]))
+            src = replace(src, state=lomar_layout(src.state, src.path, overrides["img_size"], given=True))
         trained, state = self.trained_config(src, overrides), src.state
         config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
         num_classes, pool = _head(src)

@@ -171,8 +171,8 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
     (:func:`~lomar.checkpoints.timm_layout.lomar_layout`), its table told by the size it saved, else by a given
     ``img_size``: a given one that contradicts the saved one (refused below) does not turn the table into timm's."""
     _refuse_beit(data.get("model", data), path)
-    state = data.get("model", data)
-    if (ours := lomar_layout(state, path, saved_size(data) or overrides.get("img_size"))) is not state:
+    state, saved = data.get("model", data), saved_size(data)
+    if (ours := lomar_layout(state, path, saved or overrides.get("img_size"), given=saved is None)) is not state:
         data = {**data, "model": ours} if "model" in data else ours
     method, settings = _infer(data, dict(overrides), whole, path)
     state = data.get("model", data)

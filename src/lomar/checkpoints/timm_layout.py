@@ -97,12 +97,13 @@ def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[st
     return found + (["no_embed_class=True"] if _table_without_class(state, size) else [])
 
 
-def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = None) -> dict[str, torch.Tensor]:
+def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = None,
+                 given: bool = False) -> dict[str, torch.Tensor]:
     """A timm ViT's weights (timm's key names) under lomar's layout, the same function (module docstring): layer scale
     folded, zero biases for bias-less linears, a zero class entry put first in a ``no_embed_class`` table (1, N, D) ->
     (1, 1+N, D).
-    ``size``: the image size saved or given. ValueError naming ``where`` for register tokens and the layouts lomar's
-    ViT does not hold."""
+    ``size``: the image size saved or given (``given``: a caller's, not the file's). ValueError naming ``where`` for
+    register tokens and the layouts lomar's ViT does not hold."""
     layouts = timm_layouts(state, size)
     if "reg_tokens" in layouts:
         count = state["reg_token"].shape[1] if state["reg_token"].ndim == 3 else "its"
@@ -132,4 +133,10 @@ def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = N
                         "no_embed_class=True (a %dx%d grid, no position for the class token); one of a class entry "
                         "and a %d-patch grid is read at the size it was trained at: %s, and read DIR",
                         where, table.shape[1], side, side, table.shape[1] - 1, export)
+        elif given and not _not_lomars(state):  # a caller's size alone reads keys lomar's models have: say the other
+            rows, cols = grid_size(as_sides(size), state["patch_embed.proj.weight"].shape[-1])
+            log.warning("%s: its position table of %d entries is read at the img_size given as timm's "
+                        "no_embed_class=True (a %dx%d grid, no position for the class token); lomar's own layout "
+                        "of a class entry and a %d-patch grid is read at the size it was trained at",
+                        where, table.shape[1], rows, cols, table.shape[1] - 1)
     return out
