@@ -34,7 +34,7 @@ from lomar.checkpoints.export_write import export_folder_of
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
-from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config, no_embed_class_side
+from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config, no_embed_class_note
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import (
     EncoderWeights,
@@ -159,10 +159,7 @@ def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
 def _unknown_grid(src: Source) -> ValueError:
     """A non-square table without a saved size, to be resampled: an export keeps the (height, width) given it."""
     export = command_line("lomar", "export", src.path, "--img-size", "HEIGHT", "WIDTH", "--to", "DIR")
-    other = no_embed_class_side(src.state)
-    also = (f" (its {other * other} entries are also a {other}x{other} grid without a class entry, timm's "
-            f"no_embed_class=True, which --img-size {other * src.state['patch_embed.proj.weight'].shape[-1]} reads)"
-            if other else "")
+    also = no_embed_class_note(src.state, "--img-size ")
     return ValueError(f"{src.path}: its position table holds {src.state['pos_embed'].shape[1] - 1} patches, not a "
                       f"square grid, and it saves no image size to resample it from; record the size it was trained "
                       f"at first: {export}, and read DIR{also}")

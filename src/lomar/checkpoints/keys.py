@@ -21,7 +21,7 @@ from lomar.values import as_sides, command_line, is_size
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
            "vit_from_original", "encoder_keys", "position_encoding", "args_dict", "infer_vit_config",
-           "no_embed_class_side"]
+           "no_embed_class_note"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
@@ -116,15 +116,20 @@ def _table_without_cls(state: dict[str, torch.Tensor]) -> bool:
     return "cls_token" not in state and "pos_embed" in state
 
 
-def no_embed_class_side(state: dict[str, torch.Tensor]) -> int | None:
-    """The side of the square grid a position table (1, N, D) is of read without a class entry (timm's
-    ``no_embed_class=True``) beside a stored ``cls_token``, or None where N is no square: the other reading of a
-    table that, read with one, is of no square grid."""
+def no_embed_class_note(state: dict[str, torch.Tensor], size_flag: str) -> str:
+    """The other reading of a position table (1, N, D) beside a stored ``cls_token`` that, read with a class entry,
+    is of no square grid: where N is a square, " (its N entries are also a SxS grid without a class entry, timm's
+    no_embed_class=True, which ``size_flag``PIXELS reads)", else "". ``size_flag``: how the caller's user gives a
+    size (``"--img-size "``, ``"img_size="``)."""
     table = state.get("pos_embed")
     if "cls_token" not in state or table is None or table.ndim != 3:
-        return None
+        return ""
     side = math.isqrt(table.shape[1])
-    return side if side and side * side == table.shape[1] else None
+    if not side or side * side != table.shape[1]:
+        return ""
+    pixels = side * state["patch_embed.proj.weight"].shape[-1]
+    return (f" (its {side * side} entries are also a {side}x{side} grid without a class entry, timm's "
+            f"no_embed_class=True, which {size_flag}{pixels} reads)")
 
 
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, where: object = None,
@@ -160,9 +165,7 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     if not img_size and "pos_embed" in state:
         side = square_side(state["pos_embed"])
         if side is None:
-            other = no_embed_class_side(state)
-            also = (f" (its {other * other} entries are also a {other}x{other} grid without a class entry, timm's "
-                    f"no_embed_class=True, which img_size={other * patch} reads)" if other else "")
+            also = no_embed_class_note(state, "img_size=")
             raise ValueError(f"the position table holds {state['pos_embed'].shape[1] - 1} patches, not a square grid, "
                              f"and the checkpoint saves no image size; pass img_size=(height, width) for the size it "
                              f"was trained at{also}")
