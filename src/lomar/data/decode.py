@@ -207,7 +207,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """A PIL image as uint8 (3, H, W) RGB (transparency dropped, as torchvision's ImageFolder drops it)."""
     with warnings.catch_warnings():  # Pillow's advice to convert a palette image with transparency through RGBA,
         warnings.simplefilter("ignore", UserWarning)  # printed by every worker: its RGB colours are these
-        rgb = img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # Pillow's convert to its own mode copies it whole
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
