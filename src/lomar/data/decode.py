@@ -208,7 +208,9 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     with warnings.catch_warnings():  # Pillow's advice to convert a palette image with transparency through RGBA,
         warnings.simplefilter("ignore", UserWarning)  # printed by every worker: its RGB colours are these
         rgb = img if img.mode == "RGB" else img.convert("RGB")  # Pillow's convert to its own mode copies it whole
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        pixels = np.asarray(rgb)  # (H, W, 3), read-only over the bytes Pillow unpacked (a lazy image decodes here)
+    # one copy, to channels first and writable; numpy's transposing copy takes a third of torch's contiguous()
+    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
