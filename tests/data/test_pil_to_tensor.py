@@ -1,4 +1,5 @@
-"""pil_to_tensor: every Pillow mode comes out as Pillow's own RGB conversion, in a tensor of its own."""
+"""pil_to_tensor: every Pillow mode comes out as Pillow's own RGB conversion, in a tensor of its own, laid out as
+torchvision's decode_jpeg lays out a JPEG."""
 import warnings
 
 import numpy as np
@@ -37,7 +38,8 @@ def test_each_mode_is_pillows_rgb_conversion_in_a_tensor_of_its_own(mode):
         warnings.simplefilter("error")
         pixels = pil_to_tensor(image)
     expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 5, 7) and pixels.is_contiguous()
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 5, 7)
+    assert pixels.stride() == (1, 21, 3)  # channels last, as torchvision's decode_jpeg gives a JPEG
     assert torch.equal(pixels, expected)
     again = pil_to_tensor(image)
     pixels += 1  # writable, and shared with neither the image nor another call's tensor

@@ -204,13 +204,15 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """A PIL image as uint8 (3, H, W) RGB (transparency dropped, as torchvision's ImageFolder drops it)."""
+    """A PIL image as uint8 (3, H, W) RGB (transparency dropped, as torchvision's ImageFolder drops it), channels
+    last in memory (a view of an (H, W, 3) array of its own), as torchvision's ``decode_jpeg`` gives a JPEG: what
+    follows (a crop, a resize, :func:`tensor_to_pil`) copies only what it keeps, where a channels-first copy of a
+    12 MP image here took 45 ms."""
     with warnings.catch_warnings():  # Pillow's advice to convert a palette image with transparency through RGBA,
         warnings.simplefilter("ignore", UserWarning)  # printed by every worker: its RGB colours are these
         rgb = img if img.mode == "RGB" else img.convert("RGB")  # Pillow's convert to its own mode copies it whole
-        pixels = np.asarray(rgb)  # (H, W, 3), read-only over the bytes Pillow unpacked (a lazy image decodes here)
-    # one copy, to channels first and writable; numpy's transposing copy takes a third of torch's contiguous()
-    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
+        pixels = np.array(rgb)  # (H, W, 3), writable, its own (a lazy image decodes here)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
