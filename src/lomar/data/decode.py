@@ -282,7 +282,11 @@ def _decode(data: bytes, name: str, max_pixels: int | None, rgb: bool) -> torch.
                     raise ImageFileError(name, f"a 32-bit integer image with values from {arr.min():.0f} to "
                                                f"{arr.max():.0f} has no known range; convert it to 8 or 16 bits")
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
-                img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+                grey = arr.clip(0, 255).astype(np.uint8)
+                grey = grey if rgb or kind == "jpeg" else grey[:1, :1]
+                # RGB as Pillow's L to RGB gives it: the grey thrice, channels first (three straight copies, where a
+                # round trip through Pillow took 17x as long on 12 MP)
+                return _whole(torch.from_numpy(np.broadcast_to(grey, (3, *grey.shape)).copy()), data, name, kind)
             return _whole(pil_to_tensor(img if rgb or kind == "jpeg" else img.crop((0, 0, 1, 1))), data, name, kind)
     except Exception as exc:
         if isinstance(exc, ImageFileError) and exc.path == str(name):
