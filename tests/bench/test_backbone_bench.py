@@ -8,6 +8,7 @@ step is checked here in this process.
 import json
 import sys
 
+import pytest
 import torch
 
 from lomar.bench import backbone_plan
@@ -102,3 +103,18 @@ def test_a_cpu_run_plans_and_writes_its_records_without_torch(tmp_path, monkeypa
     meta = result["meta"]
     assert (meta["torch"], meta["threads"], meta["machine"], meta["device"]) == ("9.9", 3, "a CPU, 3 threads", "cpu")
     assert "3 threads" in capsys.readouterr().out
+
+
+def test_a_cpu_run_whose_every_variant_is_skipped_still_says_what_it_ran_on(tmp_path, monkeypatch, capsys):
+    """No child runs (flex has no CPU backward), so none reports torch, threads and machine: the parent reads them
+    itself at the end, and the meta and the summary line name them rather than null and 'None threads'."""
+    monkeypatch.setattr(backbone_plan, "_child", lambda spec: pytest.fail(f"no variant should run: {spec}"))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--task", "backbone", "--model", "vit_tiny_patch8", "--sizes", "64", "--attention", "flex",
+                 "--device", "cpu", "--precision", "fp32", "--tiny", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    meta, threads = result["meta"], torch.get_num_threads()
+    assert [r["status"] for r in result["records"]] == ["skipped"]
+    assert (meta["torch"], meta["threads"]) == (torch.__version__, threads)
+    assert meta["machine"].endswith(f", {threads} threads")
+    assert "None threads" not in capsys.readouterr().out

@@ -328,11 +328,24 @@ def _run_backbone(args: argparse.Namespace) -> int:
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
                              on_record=save, depth=args.depth, encoders=args.encoders, on_runtime=runtime)
+    if meta["machine"] is None:  # no child ran (every variant skipped): read here what a CPU child would report
+        meta.update(_cpu_runtime(args.threads))
     meta.update(load_avg_after=load_average())
     print(describe(meta))
     print(format_table(records))
     save(records, done=True)
     return 0
+
+
+def _cpu_runtime(threads: int | None) -> dict:
+    """torch's version and thread count (``--threads`` applied) and the CPU's name, as a backbone child says them."""
+    import torch  # only where no child ran to say them: the torch-free planner's other runs never pay its import
+
+    from lomar.bench.report import machine_name  # the table's code: not for --help
+
+    if threads:  # the command owns the process: setting torch's global thread count is its call
+        torch.set_num_threads(threads)
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=machine_name(torch.device("cpu")))
 
 
 def _run_loader(args: argparse.Namespace) -> int:
