@@ -1,4 +1,4 @@
-"""The packages that import their public names on first use (`lomar`, `lomar.models`) also name each one in an
+"""The package that imports its public names on first use (`lomar`) also names each one in an
 `if TYPE_CHECKING:` import, from the module run time takes it from: a type checker or an IDE reads no module
 `__getattr__`, and without those imports `lomar.LoMaR(` showed neither its signature nor its docstring."""
 
@@ -17,7 +17,7 @@ def _type_checking_imports(module) -> dict[str, str]:
             for block in blocks for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
 
 
-@pytest.mark.parametrize("package", ["lomar", "lomar.models"])
+@pytest.mark.parametrize("package", ["lomar"])
 def test_every_name_imported_on_first_use_is_imported_for_type_checkers_from_the_same_module(package):
     module = importlib.import_module(package)
     assert _type_checking_imports(module) == module._EXPORTS

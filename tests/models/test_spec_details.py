@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lomar.models import MAE, LoMaR
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.models.masking import sample_plan, window_token_index
 from lomar.models.objective import normalize_targets, patchify
 from lomar.models.vit import VisionTransformer, ViTConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lomar.models import LoMaR
+from lomar.models.lomar import LoMaR
 from lomar.models.vit import model_config
 
 DIM, STEPS = 32, 3

@@ -13,7 +13,8 @@ import torch
 
 from helpers import losses, pretrain, write_images
 from lomar.checkpoints.io import safe_load
-from lomar.models import MAE, LoMaR
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.models.vit import model_config
 from lomar.train.run_state import checkpoints_to_prune
 

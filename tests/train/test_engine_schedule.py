@@ -9,7 +9,7 @@ import pytest
 from helpers import TINY
 from lomar.cli.app import main
 from lomar.lr_schedule import lr_at, lr_at_whole_steps
-from lomar.models import LoMaR
+from lomar.models.lomar import LoMaR
 from lomar.models.vit import model_config
 from lomar.train.schedule import param_groups, schedule_span, warmup_warning
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lomar.models import LoMaR
+from lomar.models.lomar import LoMaR
 from lomar.models.vit import ViTConfig
 from lomar.viz.attention import window_attention
 from lomar.viz.reconstruction import reconstruct

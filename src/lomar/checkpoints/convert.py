@@ -16,7 +16,8 @@ from lomar.checkpoints.formats_dense import DenseReader, whole_model_refusal
 from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.checkpoints.original import OriginalReader
-from lomar.models import MAE, LoMaR
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 

@@ -28,8 +28,9 @@ from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import EncoderWeights, Reader, Source, refuse_unused, register
 from lomar.checkpoints.timm_layout import lomar_layout, saved_size, timm_layouts
-from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.models.masking import grid_size, window_positions
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import as_sides

@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
     check_checkpoint(args.checkpoint)
     from lomar.checkpoints.formats_dense import DENSE_ARCH, whole_model_refusal  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
-    from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
+    from lomar.models.lomar import LoMaR  # torch: not for --help
+    from lomar.models.mae import MAE  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
     from lomar.viz.attention import (  # torch: not for --help
         attention_figure,

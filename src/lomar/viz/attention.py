@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lomar.models import LoMaR
 from lomar.models.beit import Attention as BEiTAttention
 from lomar.models.beit import BEiT
+from lomar.models.lomar import LoMaR
 from lomar.models.masking import num_masked, window_token_index
 from lomar.models.modes import eval_mode
 from lomar.models.rpe import bucket_table

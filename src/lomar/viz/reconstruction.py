@@ -16,7 +16,8 @@ import torch
 
 from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.transforms import denormalize
-from lomar.models import MAE, LoMaR
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, num_masked, window_token_index
 from lomar.models.modes import eval_mode

@@ -37,7 +37,8 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.errors import LomarError, UsageError
 from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
-from lomar.models import MAE, LoMaR
+from lomar.models.lomar import LoMaR
+from lomar.models.mae import MAE
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
 from lomar.train.monitor import read_records
