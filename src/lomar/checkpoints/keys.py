@@ -110,7 +110,7 @@ def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
     return merged
 
 
-def _table_without_cls(state: dict[str, torch.Tensor]) -> bool:
+def _no_class_token(state: dict[str, torch.Tensor]) -> bool:
     """Whether a position table is stored and no ``cls_token``: a ViT without a class token (timm's
     ``class_token=False``), of a square grid or not: its table, read as a cls entry and patches, is not its grid."""
     return "cls_token" not in state and "pos_embed" in state
@@ -144,7 +144,7 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     hints = hints or {}
     if "patch_embed.proj.weight" not in state or "blocks.0.mlp.fc1.weight" not in state:
         raise ValueError("the weights hold no ViT encoder (no 'patch_embed.proj.weight' or 'blocks.0.mlp.fc1.weight')")
-    if _table_without_cls(state):  # before its heads are asked for: told them, it would still not load
+    if _no_class_token(state):  # before its heads are asked for: told them, it would still not load
         raise ValueError(f"{where or 'the checkpoint'} holds a position table but no cls_token: a ViT without a class "
                          f"token (timm's class_token=False), which lomar's ViT (a class token always) does not read; "
                          f"pass one that has a class token")

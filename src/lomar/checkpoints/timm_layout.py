@@ -65,7 +65,7 @@ def _not_lomars(state: dict[str, torch.Tensor]) -> bool:
     return any(_GAMMA.match(k) for k in state) or bool(_biasless(state))
 
 
-def _table_without_class(state: dict[str, torch.Tensor], size: object) -> bool:
+def _no_embed_class(state: dict[str, torch.Tensor], size: object) -> bool:
     """Whether the position table (1, N, D) holds no class token's entry (timm's ``no_embed_class=True``): its N
     entries are the grid of ``size`` (the size saved or given); none known, a square grid's in weights no lomar model
     has (:func:`_not_lomars`, DeiT III's layer scale). A table of a class entry and a non-square grid (1 + H·W, as
@@ -86,7 +86,7 @@ def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[st
     """The timm layouts of a ViT's weights (timm's key names) that lomar's keys lack, as timm names their settings:
     ``reg_tokens``, those lomar's ViT does not hold (``pre_norm``, ``qk_norm``, ``global_pool='map'``), ``init_values``
     (layer scale), ``proj_bias=False``, ``qkv_bias=False``, ``no_embed_class=True``; ``size``: the image
-    size saved or given (see :func:`_table_without_class`). None of a pretraining model's or a BEiT's weights."""
+    size saved or given (see :func:`_no_embed_class`). None of a pretraining model's or a BEiT's weights."""
     if ("patch_embed.proj.weight" not in state or holds_beit_keys(state)
             or any(k.startswith(PRETRAIN_ONLY) for k in state)):
         return []
@@ -94,7 +94,7 @@ def timm_layouts(state: dict[str, torch.Tensor], size: object = None) -> list[st
     found += [name for key, name in _UNHELD.items() if any(key.match(k) for k in state)]
     found += ["init_values"] if any(_GAMMA.match(k) for k in state) else []
     found += _biasless(state)
-    return found + (["no_embed_class=True"] if _table_without_class(state, size) else [])
+    return found + (["no_embed_class=True"] if _no_embed_class(state, size) else [])
 
 
 def lomar_layout(state: dict[str, torch.Tensor], where: object, size: object = None,
