@@ -1,6 +1,6 @@
 """A toy run in two forked processes (gloo): each rank's random stream resumed, its batch-norm statistics the saved
-ones, a rank with nothing to learn still joining the step, and a signal to one rank during an evaluation stopping
-both right after it."""
+ones, a rank with nothing to learn still joining the step, and a signal to one rank during an evaluation or the main
+rank's start stopping both right after it."""
 
 from __future__ import annotations
 
@@ -124,3 +124,19 @@ def test_a_signal_to_one_rank_during_an_evaluation_stops_every_rank_right_after_
     run_two_ranks(SignalledOnRank1InAnEvaluation, tmp_path, "a rank left the other waiting after the evaluation")
     state = safe_load(tmp_path / "last.pt")
     assert (state["step"], state["evaluated_step"]) == (2, 2) and len(_losses(tmp_path)) == 2
+
+
+class SignalledInBeginOnMain(ToyTask):
+    """The main rank gets SIGUSR1 while it draws the start's figure (begin, the main rank's alone), the other rank
+    waiting for it."""
+
+    def begin(self):
+        import signal
+
+        signal.raise_signal(signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_main_rank_during_its_start_stops_every_rank_before_the_first_step(tmp_path):
+    run_two_ranks(SignalledInBeginOnMain, tmp_path, "a rank left the other waiting after the start")
+    assert safe_load(tmp_path / "last.pt")["step"] == 0 and _losses(tmp_path) == []
