@@ -236,8 +236,8 @@ def test_unreadable_images_are_not_counted_as_loads(photos, tmp_path, capsys):
     assert capsys.readouterr().err == ("lomar bench: error: 64px: a 7x7 window does not fit the 4x4 patch grid; use "
                                        "a larger size (--sizes) or a model of smaller patches\n")
     assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--model", "vit_tiny_patch8",
-                 "--loader-windows", "4", "--no-model", "--quiet", "--workers", "0"]) == 2  # placed as pretraining
-    # places them, on 8x8
+                 "--loader-windows", "4", "--no-model", "--quiet", "--workers", "0"]) == 2  # placed as pretrain
+    # places them, 4 do not fit the 8x8 grid
     err = capsys.readouterr().err
     assert err.endswith("pass --loader-windows <= 2 or use a larger image\n") and "placement" not in err
 
