@@ -237,7 +237,8 @@ def test_standard_sizes_are_inferred_without_args():
     state = {"patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16),
              "blocks.0.mlp.fc1.weight": torch.zeros(4 * dim, dim),
              **{f"blocks.{i}.norm1.weight": torch.zeros(dim) for i in range(depth)},
-             "decoder_embed.weight": torch.zeros(512, dim), "pos_embed": torch.zeros(1, 197, dim)}
+             "decoder_embed.weight": torch.zeros(512, dim), "pos_embed": torch.zeros(1, 197, dim),
+             "cls_token": torch.zeros(1, 1, dim)}
     method, settings = infer_original_config({"model": state})
     assert method == "mae" and settings["config"].num_heads == 3 and settings["decoder_num_heads"] == 16
 
